@@ -1,0 +1,271 @@
+"""Export a backbone plus reward heads into an artifact: ONE ONNX graph per precision.
+
+Each graph runs backbone → pooling → regression → gating → transform and outputs `rewards [N,K]`,
+`gating [N,K]` and `score [N]`. Measured facts this follows (DESIGN.md section 5): the TorchScript exporter at
+opset 17 with eager attention is the form ONNX Runtime's BERT optimizer fuses; int8 is dynamic per-channel
+quantization (per-tensor loses too much rank correlation); fp16 is for the CUDA execution provider.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+
+from models import __version__
+from models.artifact import HEADS_FILE, TOKENIZER_DIR, finalize_manifest, sha256_file, staged_directory
+from models.heads import load_heads, save_heads
+from models.inputs import InputBuilder, Item, Kind, collate
+from models.manifest import PRECISIONS, BackboneInfo, GraphEntry, HeadInfo, InputPolicy, Manifest, Precision
+from models.torch_model import OUTPUTS, RewardModel, build_reward_model, detect_kind, load_backbone
+
+log = logging.getLogger("polyreward.export")
+
+OPSET = 17
+GRAPH_FILES: dict[Precision, str] = {
+    "fp32": "model.onnx",
+    "int8": "model.int8.onnx",
+    "fp16": "model.fp16.onnx",
+}
+# Heads are tiny and sensitive; they stay in float32 in the int8 and fp16 graphs.
+HEAD_NODE_PREFIX = "/heads/"
+_DYNAMIC_AXES = {
+    "input_ids": {0: "batch", 1: "sequence"},
+    "attention_mask": {0: "batch", 1: "sequence"},
+    "prompt_input_ids": {0: "prompts", 1: "prompt_sequence"},
+    "prompt_attention_mask": {0: "prompts", 1: "prompt_sequence"},
+    "prompt_index": {0: "batch"},
+    "gating_index": {0: "batch"},
+    "rewards": {0: "batch"},
+    "gating": {0: "batch"},
+    "score": {0: "batch"},
+}
+# Traced example: mixed lengths, a shared prompt and a distinct one, so no shape is specialised.
+_TRACE_ITEMS = [
+    Item(prompt="What is the capital of France?", response="Paris."),
+    Item(prompt="What is the capital of France?", response="The capital of France is Paris, on the Seine."),
+    Item(
+        messages=[
+            {"role": "user", "content": "Write a haiku about the sea."},
+            {
+                "role": "assistant",
+                "content": "Waves fold into foam / the tide keeps its old promise / salt on every stone",
+            },
+        ]
+    ),
+]
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def default_max_length(config, tokenizer, kind: Kind) -> int:
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    usable = [int(v) for v in limits if isinstance(v, int) and 8 <= v < 1_000_000]
+    return min([*usable, 512 if kind == "encoder" else 4096])
+
+
+def export_artifact(
+    backbone_dir: str | os.PathLike,
+    heads_file: str | os.PathLike,
+    out: str | os.PathLike,
+    precisions: Sequence[Precision] = ("fp32", "int8"),
+    *,
+    name: str | None = None,
+    kind: Kind | None = None,
+    max_length: int | None = None,
+    padding_side: Literal["left", "right"] | None = None,
+    truncation: Literal["left", "error"] = "left",
+    exporter: Literal["torchscript", "dynamo"] = "torchscript",
+    fuse: bool = True,
+    overwrite: bool = False,
+) -> Manifest:
+    """Build an artifact directory at `out` (written atomically). fp32 is always built: the others derive from it."""
+    unknown = set(precisions) - set(PRECISIONS)
+    if unknown:
+        raise ExportError(f"--precision: unknown {sorted(unknown)}; choose from {', '.join(PRECISIONS)}")
+    wanted = [p for p in PRECISIONS if p in {"fp32", *precisions}]
+    t0 = time.perf_counter()
+    config, backbone, tokenizer = load_backbone(backbone_dir)
+    heads = load_heads(heads_file)
+    kind = kind or detect_kind(config)
+    model = build_reward_model(backbone, heads, kind)
+    if kind == "encoder" and padding_side == "left":
+        raise ExportError("--padding-side left: encoders with absolute positions need right padding")
+    policy = InputPolicy(
+        template=InputBuilder.template_for(tokenizer),
+        max_length=max_length or default_max_length(config, tokenizer, kind),
+        truncation=truncation,
+        padding_side=padding_side or ("left" if kind == "decoder" else "right"),
+    )
+    builder = InputBuilder(tokenizer, kind, policy)
+    example = collate(
+        builder.encode(_TRACE_ITEMS), kind=kind, pad_id=builder.pad_id, padding_side=policy.padding_side
+    )
+    input_names = model.input_names()
+    log.info(
+        "loaded %s backbone %s (%s) in %.1fs", kind, backbone_dir, config.model_type, time.perf_counter() - t0
+    )
+
+    with staged_directory(Path(out), overwrite) as tmp:
+        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        save_heads(heads, tmp / HEADS_FILE)
+        fp32 = tmp / GRAPH_FILES["fp32"]
+        _export_onnx(model, example, input_names, fp32, exporter)
+        fused_ops: dict[str, int] = {}
+        if fuse and kind == "encoder":
+            fused_ops = _fuse_bert(fp32, config)
+        _check_against_torch(model, example, input_names, fp32)
+        for precision in wanted:
+            if precision == "int8":
+                _quantize_int8(fp32, tmp / GRAPH_FILES["int8"])
+            elif precision == "fp16":
+                _convert_fp16(fp32, tmp / GRAPH_FILES["fp16"])
+        graphs = {p: _graph_entry(tmp / GRAPH_FILES[p], fused=bool(fused_ops)) for p in wanted}
+        manifest = Manifest(
+            name=name or Path(out).name,
+            backbone=BackboneInfo(
+                id=str(Path(backbone_dir).resolve()),
+                kind=kind,
+                model_type=config.model_type,
+                hidden_size=config.hidden_size,
+                pooling="mean" if kind == "encoder" else "last",
+            ),
+            objectives=heads.cfg.objectives,
+            head=HeadInfo(
+                kind=heads.cfg.kind,
+                gating_temperature=heads.cfg.gating.temperature if heads.cfg.gating else None,
+                gating_hidden_dim=heads.cfg.gating.hidden_dim if heads.cfg.gating else None,
+                gating_n_hidden=heads.cfg.gating.n_hidden if heads.cfg.gating else None,
+            ),
+            input=policy,
+            graphs=graphs,
+            provenance=_provenance(exporter, heads_file, fused_ops),
+        )
+        manifest = finalize_manifest(tmp, manifest)
+    log.info("wrote %s (%s) in %.1fs", out, ", ".join(wanted), time.perf_counter() - t0)
+    return manifest
+
+
+def _export_onnx(
+    model: RewardModel, example: dict[str, np.ndarray], input_names: list[str], path: Path, exporter
+):
+    args = tuple(torch.from_numpy(example[n]) for n in input_names)
+    axes = {k: v for k, v in _DYNAMIC_AXES.items() if k in input_names or k in OUTPUTS}
+    t = time.perf_counter()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(
+                model, args, str(path), dynamo=False, opset_version=OPSET,
+                input_names=input_names, output_names=OUTPUTS, dynamic_axes=axes,
+            )  # fmt: skip
+        else:
+            program = torch.onnx.export(
+                model, args, dynamo=True, input_names=input_names, output_names=OUTPUTS,
+                dynamic_axes=axes, optimize=True,
+            )  # fmt: skip
+            program.save(str(path))
+    log.info("exported fp32 graph with the %s exporter in %.1fs", exporter, time.perf_counter() - t)
+
+
+def _fuse_bert(path: Path, config) -> dict[str, int]:
+    """ORT transformer fusion (Attention, SkipLayerNormalization, ...); returns fused-op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optimize_model(
+            str(path), model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size
+        )
+    counts = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    if not counts.get("Attention"):
+        log.warning("transformer fusion found no Attention pattern in %s; the graph runs unfused", path.name)
+    opt.save_model_to_file(str(path))
+    log.info("fused graph in %.1fs: %s", time.perf_counter() - t, counts)
+    return counts
+
+
+def _head_nodes(model: onnx.ModelProto) -> list[str]:
+    names = [n.name for n in model.graph.node if n.name.startswith(HEAD_NODE_PREFIX)]
+    # The quantizer rewrites Gemm into `<name>_MatMul` + Add before it reads the exclusion list.
+    return names + [f"{n}_MatMul" for n in names]
+
+
+def _quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    t = time.perf_counter()
+    quantize_dynamic(
+        str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+        nodes_to_exclude=_head_nodes(onnx.load(str(src), load_external_data=False)),
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )  # fmt: skip
+    log.info("int8 per-channel dynamic quantization in %.1fs", time.perf_counter() - t)
+
+
+def _convert_fp16(src: Path, dst: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    half = convert_float_to_float16(model, keep_io_types=True, node_block_list=_head_nodes(model))
+    onnx.save(half, str(dst))
+    log.info("fp16 graph written (inputs and outputs stay int64 / float32)")
+
+
+def _check_against_torch(
+    model: RewardModel, example: dict[str, np.ndarray], input_names: list[str], path: Path
+):
+    """Refuse to ship a graph whose outputs differ from PyTorch on the traced example."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: example[i.name] for i in session.get_inputs()}
+    got = session.run(OUTPUTS, feeds)
+    with torch.no_grad():
+        want = model(*(torch.from_numpy(example[n]) for n in input_names))
+    diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want, strict=True))
+    if not diff <= 1e-3:
+        raise ExportError(
+            f"{path.name}: ONNX output differs from PyTorch by {diff:.3g} on the traced example"
+        )
+    log.info("fp32 graph matches PyTorch on the traced example (max abs diff %.2g)", diff)
+
+
+def _graph_entry(path: Path, fused: bool) -> GraphEntry:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    data = sorted({e.value for t in graph.initializer for e in t.external_data if e.key == "location"})
+    return GraphEntry(
+        file=path.name,
+        data_files=data,
+        inputs=[i.name for i in graph.input],
+        outputs=[o.name for o in graph.output],
+        fused=fused,
+    )
+
+
+def _provenance(exporter: str, heads_file, fused_ops: dict[str, int]) -> dict:
+    import onnxruntime
+    import transformers
+
+    return {
+        "polyreward": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "exporter": exporter,
+        "opset": OPSET,
+        "heads_sha256": sha256_file(Path(heads_file)),
+        "fused_ops": fused_ops,
+    }

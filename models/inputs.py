@@ -1,0 +1,300 @@
+"""The one input builder: items -> token ids, reward and gating positions, and padded batches.
+
+Featurization, export checks, the scorer and the service all turn conversations into model inputs through
+`InputBuilder.encode` and `collate` and nothing else, so training and serving cannot drift apart.
+
+Conventions (DESIGN.md section 3):
+
+* An item is chat `messages` ending with an assistant turn, a `prompt` + `response` (a one-turn chat), or
+  raw `text` that is already templated.
+* The prompt part is everything before the final assistant turn. The reward is read at the last real token
+  of the whole conversation; the gating embedding at the last token of the prompt part (decoders: from the
+  same pass; encoders: the prompt encoded on its own and mean-pooled).
+* Over-long inputs keep their leading special tokens (BOS/CLS), then drop the oldest tokens first (prompt,
+  then the start of the response), so the end of the response, where the reward is read, always survives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tokenizers import Tokenizer
+
+from models.manifest import InputPolicy
+
+Kind = Literal["encoder", "decoder"]
+# Leading / trailing special tokens (BOS, CLS / SEP, EOS) kept through truncation; at most this many each.
+_MAX_PROTECTED = 2
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class Item(BaseModel):
+    """One conversation to score: exactly one of `messages`, `prompt`+`response`, or `text`."""
+
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] | None = Field(
+        None, description="a chat whose last message is the assistant reply"
+    )
+    prompt: str | None = Field(None, description="a user prompt; needs `response`")
+    response: str | None = Field(None, description="the assistant reply to `prompt`")
+    text: str | None = Field(None, description="an already-templated conversation (as OpenRLHF sends it)")
+
+    @model_validator(mode="after")
+    def _one_format(self) -> Item:
+        given = [k for k in ("messages", "prompt", "response", "text") if getattr(self, k) is not None]
+        if self.messages is not None:
+            if len(given) > 1:
+                raise ValueError(f"give either messages, prompt+response or text, not {' and '.join(given)}")
+            if not self.messages:
+                raise ValueError("messages: must not be empty")
+            if self.messages[-1].role != "assistant":
+                raise ValueError(
+                    f"messages[{len(self.messages) - 1}].role: the last message must be the assistant reply "
+                    f"to score, got {self.messages[-1].role!r}"
+                )
+        elif self.text is not None:
+            if len(given) > 1:
+                raise ValueError(f"give either messages, prompt+response or text, not {' and '.join(given)}")
+        elif self.prompt is None or self.response is None:
+            missing = (
+                "response" if self.prompt is not None else "prompt" if self.response is not None else None
+            )
+            raise ValueError(
+                f"{missing}: required together with {'prompt' if missing == 'response' else 'response'}"
+                if missing
+                else "an item needs one of: messages, prompt+response, text"
+            )
+        return self
+
+    def as_messages(self) -> list[Message] | None:
+        if self.messages is not None:
+            return self.messages
+        if self.text is not None:
+            return None
+        return [
+            Message(role="user", content=self.prompt or ""),
+            Message(role="assistant", content=self.response or ""),
+        ]
+
+
+class InputTooLong(ValueError):
+    def __init__(self, index: int, tokens: int, max_length: int):
+        self.index = index
+        super().__init__(
+            f"item {index}: {tokens} tokens exceeds max_length {max_length} (truncation is set to 'error')"
+        )
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One item ready for batching. Positions index `input_ids` (unpadded)."""
+
+    input_ids: tuple[int, ...]
+    gating_pos: int  # last token of the prompt part (decoders read the gating embedding here)
+    prompt_ids: tuple[int, ...] | None  # encoders only: the prompt part tokenized on its own
+    truncated: bool
+
+    @property
+    def tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def render_plain(messages: Sequence[Message]) -> str:
+    """The documented template for tokenizers without a chat template: 'User: ..' turns joined by blank lines."""
+    return "\n\n".join(f"{m.role.capitalize()}: {m.content}" for m in messages)
+
+
+class InputBuilder:
+    """Turns items into `Encoded` inputs for one tokenizer, backbone kind and input policy."""
+
+    def __init__(self, tokenizer, kind: Kind, policy: InputPolicy):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("polyreward needs a fast (Rust) tokenizer with offsets; got a slow one")
+        self.tokenizer = tokenizer
+        self.kind: Kind = kind
+        self.policy = policy
+        # A private copy of the Rust tokenizer with the file's own truncation/padding switched off.
+        self._tok = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._special = frozenset(tokenizer.all_special_ids)
+        # Templated text carries its own BOS; the plain template relies on the tokenizer's post-processor.
+        self._add_special = policy.template == "plain"
+        self.response_marker = self._find_response_marker()
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+
+    @classmethod
+    def template_for(cls, tokenizer) -> Literal["chat", "plain"]:
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+    def render(self, messages: Sequence[Message]) -> str:
+        if not messages:
+            return ""
+        if self.policy.template == "plain":
+            return render_plain(messages)
+        return self.tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=False
+        )
+
+    def _find_response_marker(self) -> str:
+        """The text that opens an assistant turn in this template (used to split raw `text` items)."""
+        prompt = [Message(role="user", content="\x01P")]
+        reply = "\x02R"
+        full = self.render([*prompt, Message(role="assistant", content=reply)])
+        head = _shared_prefix(self.render(prompt), full)
+        return full[len(head) : full.index(reply)]
+
+    def split(self, item: Item) -> tuple[str, str]:
+        """(prompt part, whole conversation) as rendered text; the prompt part is a prefix of the whole."""
+        messages = item.as_messages()
+        if messages is None:
+            text = item.text or ""
+            cut = text.rfind(self.response_marker) if self.response_marker else -1
+            # No assistant marker: nothing tells prompt from response, so the gating reads the whole text.
+            return (text[:cut] if cut >= 0 else text), text
+        full = self.render(messages)
+        prompt = self.render(messages[:-1])
+        return _shared_prefix(prompt, full), full
+
+    def encode(self, items: Sequence[Item]) -> list[Encoded]:
+        """Tokenize a list of items (in one Rust call) and apply truncation; results in input order."""
+        parts = [self.split(it) for it in items]
+        encodings = self._tok.encode_batch([full for _, full in parts], add_special_tokens=self._add_special)
+        prompt_ids: dict[str, tuple[int, ...]] = {}
+        if self.kind == "encoder":
+            distinct = list(dict.fromkeys(p for p, _ in parts))
+            for text, enc in zip(
+                distinct, self._tok.encode_batch(distinct, add_special_tokens=self._add_special), strict=True
+            ):
+                prompt_ids[text] = tuple(enc.ids)
+        out = []
+        for i, ((prompt, _), enc) in enumerate(zip(parts, encodings, strict=True)):
+            ids = list(enc.ids)
+            n_prompt = len(prompt)
+            gating_pos = max((j for j, (_, end) in enumerate(enc.offsets) if 0 < end <= n_prompt), default=0)
+            ids, gating_pos, truncated = self._truncate(i, ids, gating_pos)
+            p_ids = None
+            if self.kind == "encoder":
+                p_ids, _, p_trunc = self._truncate(i, list(prompt_ids[prompt]) or ids[:1], 0)
+                truncated = truncated or p_trunc
+                p_ids = tuple(p_ids)
+            out.append(Encoded(tuple(ids), gating_pos, p_ids, truncated))
+        return out
+
+    def _truncate(self, index: int, ids: list[int], gating_pos: int) -> tuple[list[int], int, bool]:
+        max_len = self.policy.max_length
+        if len(ids) <= max_len:
+            return ids, gating_pos, False
+        if self.policy.truncation == "error":
+            raise InputTooLong(index, len(ids), max_len)
+        head = _run_length(ids, self._special)
+        drop = len(ids) - max_len
+        kept = ids[:head] + ids[head + drop :]
+        if gating_pos >= head + drop:
+            gating_pos -= drop
+        elif gating_pos >= head:  # the whole prompt part was dropped: fall back to the leading special token
+            gating_pos = max(head - 1, 0)
+        return kept, gating_pos, True
+
+
+def _shared_prefix(a: str, b: str) -> str:
+    """The longest common prefix of two strings, character by character (what templates share)."""
+    return os.path.commonprefix([a, b])  # noqa: RUF071 - character-wise is exactly what is meant
+
+
+def _run_length(ids: list[int], special: frozenset[int]) -> int:
+    n = 0
+    while n < min(_MAX_PROTECTED, len(ids)) and ids[n] in special:
+        n += 1
+    return n
+
+
+def collate(
+    batch: Sequence[Encoded], *, kind: Kind, pad_id: int, padding_side: Literal["left", "right"]
+) -> dict[str, np.ndarray]:
+    """Pad a batch into the graph's int64 inputs.
+
+    Every kind gets `input_ids` and `attention_mask` [N, L]. Decoders also get `gating_index` [N] (the gating
+    position after padding). Encoders get their distinct prompts once each: `prompt_input_ids` and
+    `prompt_attention_mask` [P, Lp] and `prompt_index` [N] (row of each item's prompt).
+    """
+    ids, mask, offsets = _pad([e.input_ids for e in batch], pad_id, padding_side)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if kind == "decoder":
+        out["gating_index"] = np.array(
+            [o + e.gating_pos for o, e in zip(offsets, batch, strict=True)], np.int64
+        )
+    else:
+        rows: dict[tuple[int, ...], int] = {}
+        index = [rows.setdefault(e.prompt_ids or (), len(rows)) for e in batch]
+        out["prompt_input_ids"], out["prompt_attention_mask"], _ = _pad(list(rows), pad_id, padding_side)
+        out["prompt_index"] = np.array(index, np.int64)
+    return out
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    length = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), length), pad_id, np.int64)
+    mask = np.zeros((len(seqs), length), np.int64)
+    offsets = []
+    for row, s in enumerate(seqs):
+        off = length - len(s) if side == "left" else 0
+        ids[row, off : off + len(s)] = s
+        mask[row, off : off + len(s)] = 1
+        offsets.append(off)
+    return ids, mask, offsets
+
+
+class InvalidItem(ValueError):
+    """An item that is not one of the accepted shapes; the message names the field."""
+
+
+def parse_item(obj: object, where: str = "item") -> Item:
+    """Validate one item; pydantic's first error becomes one line such as `items[3]: messages[1].role: ...`."""
+    if isinstance(obj, Item):
+        return obj
+    try:
+        return Item.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        path = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        raise InvalidItem(f"{where}: {path}: {msg}" if path else f"{where}: {msg}") from None
+
+
+ITEM_FIELDS = ("messages", "prompt", "response", "text")
+
+
+def read_items_jsonl(path: str | os.PathLike) -> tuple[list[Item], list[dict], list[int]]:
+    """Items from a JSONL file, each line's other fields (ids and the like) to carry through, and line numbers.
+
+    Errors name the file and line: `items.jsonl:7: messages[1].role: ...`.
+    """
+    items, extras, lines = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidItem(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise InvalidItem(f"{where}: expected a JSON object, got {type(row).__name__}")
+            items.append(parse_item({k: v for k, v in row.items() if k in ITEM_FIELDS}, where))
+            extras.append({k: v for k, v in row.items() if k not in ITEM_FIELDS})
+            lines.append(lineno)
+    return items, extras, lines

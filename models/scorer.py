@@ -1,0 +1,143 @@
+"""`Scorer`: score conversations with an artifact's ONNX graph in length-sorted batches. No torch.
+
+The scorer is the engine behind `polyreward score`, the service and dataset rescoring. Its three steps are
+public so a server can run them on different threads: `encode` (tokenize), `run` (one padded batch through
+ONNX Runtime), and `score`, which plans batches and returns results in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from models.artifact import TOKENIZER_DIR, load_manifest, verify_graph
+from models.batching import plan_batches
+from models.inputs import Encoded, InputBuilder, Item, collate, parse_item
+from models.manifest import Manifest, Precision
+
+log = logging.getLogger("polyreward.scorer")
+
+Device = Literal["auto", "cpu", "cuda", "tensorrt"]
+OUTPUTS = ["rewards", "gating", "score"]
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float
+    rewards: list[float]  # one per objective, in `Scorer.objectives` order
+    gating: list[float]
+    tokens: int
+    truncated: bool
+
+
+class Scorer:
+    """Loads an artifact (checking its files' sha256) and scores items with ONNX Runtime.
+
+    precision: which graph to run; "auto" picks fp16 on CUDA when the artifact has it, else fp32.
+    device: "auto" uses CUDA when onnxruntime-gpu sees a GPU, else the CPU. A GPU provider that was asked for
+    but is not the one the session really runs on is reported loudly (`fallback` is then True).
+    token_budget / max_batch_items: a batch holds at most this many padded tokens / items.
+    """
+
+    def __init__(
+        self,
+        artifact: str | os.PathLike,
+        *,
+        precision: Precision | Literal["auto"] = "auto",
+        device: Device = "auto",
+        token_budget: int = 16384,
+        max_batch_items: int = 64,
+        threads: int | None = None,
+    ):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.artifact = Path(artifact)
+        available = ort.get_available_providers()
+        if device == "auto":
+            device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        self.manifest: Manifest = load_manifest(self.artifact)
+        if precision == "auto":
+            precision = "fp16" if device != "cpu" and "fp16" in self.manifest.graphs else "fp32"
+        verify_graph(self.artifact, self.manifest, precision)
+        self.precision: Precision = precision
+        self.device = device
+        tokenizer = AutoTokenizer.from_pretrained(self.artifact / TOKENIZER_DIR)
+        self.builder = InputBuilder(tokenizer, self.manifest.backbone.kind, self.manifest.input)
+        self.token_budget = token_budget
+        self.max_batch_items = max_batch_items
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        requested = _PROVIDERS[device]
+        usable = [p for p in requested if p in available]
+        graph = self.artifact / self.manifest.graphs[precision].file
+        self.session = ort.InferenceSession(str(graph), options, providers=usable)
+        self.providers: list[str] = self.session.get_providers()
+        self.fallback = self.providers[0] != requested[0]
+        if self.fallback:
+            log.warning(
+                "!!! %s was requested but the session runs on %s (available here: %s). Scoring works but is "
+                "slow; install onnxruntime-gpu with a matching CUDA/cuDNN to use the GPU. !!!",
+                requested[0], self.providers[0], ", ".join(available),
+            )  # fmt: skip
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @property
+    def objectives(self) -> list[str]:
+        return self.manifest.objective_names
+
+    def encode(self, items: Sequence[Item | dict]) -> list[Encoded]:
+        return self.builder.encode([parse_item(it, f"items[{i}]") for i, it in enumerate(items)])
+
+    def plan(self, encoded: Sequence[Encoded]) -> list[list[int]]:
+        return plan_batches([e.tokens for e in encoded], self.token_budget, self.max_batch_items)
+
+    def run(self, batch: Sequence[Encoded]) -> dict[str, np.ndarray]:
+        """One padded batch through the graph: {rewards [N,K], gating [N,K], score [N]}."""
+        arrays = collate(
+            batch,
+            kind=self.builder.kind,
+            pad_id=self.builder.pad_id,
+            padding_side=self.manifest.input.padding_side,
+        )
+        outputs = self.session.run(OUTPUTS, {name: arrays[name] for name in self.input_names})
+        return dict(zip(OUTPUTS, outputs, strict=True))
+
+    def score(self, items: Sequence[Item | dict], *, progress: bool = False) -> list[ScoreResult]:
+        """Score items (Item objects or dicts of the same shape); results come back in input order."""
+        encoded = self.encode(items)
+        results: list[ScoreResult | None] = [None] * len(encoded)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(encoded), unit="item", desc="scoring")
+        for batch in self.plan(encoded):
+            out = self.run([encoded[i] for i in batch])
+            for row, i in enumerate(batch):
+                results[i] = ScoreResult(
+                    score=float(out["score"][row]),
+                    rewards=out["rewards"][row].tolist(),
+                    gating=out["gating"][row].tolist(),
+                    tokens=encoded[i].tokens,
+                    truncated=encoded[i].truncated,
+                )
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        return results  # type: ignore[return-value]

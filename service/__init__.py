@@ -1,0 +1,1 @@
+"""The scoring service (HTTP API, batching, metrics). Never imports torch or training."""

@@ -1,0 +1,1 @@
+"""Training reward heads: data, featurization through the backbone, stage 1 (objectives) and later stages."""

@@ -1,0 +1,96 @@
+"""`polyreward train ...` commands (registered through the `polyreward.commands` entry point)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from models.inputs import InvalidItem, Item, read_items_jsonl
+
+app = typer.Typer(help="Train reward heads on your rating and preference data.", no_args_is_help=True)
+
+
+def read_ratings_jsonl(path: Path, objectives: list[str] | None) -> tuple[list[Item], np.ndarray, list[str]]:
+    """Items with `"ratings": {objective: number | null}`; returns (items, labels [N, K] with NaN, names)."""
+    items, extras, lines = read_items_jsonl(path)
+    rows = []
+    for extra, line in zip(extras, lines, strict=True):
+        ratings = extra.get("ratings")
+        if not isinstance(ratings, dict):
+            raise InvalidItem(f"{path}:{line}: ratings: expected an object of objective -> number")
+        for name, value in ratings.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise InvalidItem(f"{path}:{line}: ratings.{name}: expected a number or null, got {value!r}")
+        rows.append(ratings)
+    names = objectives or sorted({name for r in rows for name in r})
+    if not names:
+        raise InvalidItem(f"{path}: no ratings found")
+    labels = np.array([[_num(r.get(n)) for n in names] for r in rows], np.float64)
+    return items, labels, names
+
+
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+@app.command()
+def objectives(
+    data: Annotated[Path, typer.Option(help='JSONL: item fields plus "ratings": {objective: value}')],
+    out: Annotated[Path, typer.Option(help="heads file to write (.safetensors)")],
+    backbone: Annotated[
+        Path | None, typer.Option(help="Hugging Face model directory [default: bundled all-MiniLM-L6-v2]")
+    ] = None,
+    objective: Annotated[
+        list[str] | None, typer.Option(help="objective to fit (repeatable) [default: every key in ratings]")
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="ridge regularization strength")] = 1.0,
+) -> None:
+    """Stage 1: fit one linear reward head per objective by ridge regression on absolute ratings.
+
+    Missing ratings are allowed (each objective uses the rows that have it). The heads combine objectives
+    with fixed equal weights; export them with `polyreward export --heads OUT`.
+    """
+    import torch
+
+    from models.cli import default_backbone
+    from models.export import default_max_length
+    from models.heads import HeadsConfig, RewardHeads, save_heads
+    from models.inputs import InputBuilder
+    from models.manifest import InputPolicy
+    from models.objectives import Objective
+    from models.torch_model import build_reward_model, detect_kind, load_backbone
+    from training.featurize import featurize
+    from training.ridge import fit_ridge
+
+    items, labels, names = read_ratings_jsonl(data, objective)
+    config, torch_backbone, tokenizer = load_backbone(backbone or default_backbone())
+    kind = detect_kind(config)
+    cfg = HeadsConfig(
+        objectives=[Objective(name=n, source=f"{data.name}:ratings.{n}") for n in names],
+        hidden_size=config.hidden_size,
+        kind="fixed",
+    )
+    heads = RewardHeads(cfg)
+    model = build_reward_model(torch_backbone, heads, kind)
+    policy = InputPolicy(
+        template=InputBuilder.template_for(tokenizer),
+        max_length=default_max_length(config, tokenizer, kind),
+        padding_side="left" if kind == "decoder" else "right",
+    )
+    reward_emb, _ = featurize(model, InputBuilder(tokenizer, kind, policy), items)
+    weights, bias = fit_ridge(reward_emb, labels, alpha)
+    with torch.no_grad():
+        heads.regression.weight.copy_(torch.from_numpy(weights))
+        heads.regression.bias.copy_(torch.from_numpy(bias))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_heads(heads, out)
+    fitted = reward_emb @ weights.T + bias
+    for k, name in enumerate(names):
+        rows = ~np.isnan(labels[:, k])
+        r = np.corrcoef(fitted[rows, k], labels[rows, k])[0, 1]
+        typer.echo(f"{name}: {int(rows.sum())} labels, training-set Pearson r = {r:.3f}", err=True)
+    typer.echo(f"wrote {out}", err=True)
