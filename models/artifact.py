@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from models.errors import describe
 from models.manifest import SUPPORTED_SCHEMA_VERSIONS, FileEntry, Manifest, Precision
 
 MANIFEST = "manifest.json"
@@ -54,7 +55,7 @@ def load_manifest(artifact_dir: str | os.PathLike) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
-        raise ArtifactError(f"{path}: invalid manifest: {e}") from e
+        raise ArtifactError(f"{path}: invalid manifest: {describe(e)}") from None
 
 
 def verify_files(artifact_dir: str | os.PathLike, manifest: Manifest, names: Iterable[str]) -> None:

@@ -100,14 +100,18 @@ def export_artifact(
     kind = kind or detect_kind(config)
     model = build_reward_model(backbone, heads, kind)
     if kind == "encoder" and padding_side == "left":
-        raise ExportError("--padding-side left: encoders with absolute positions need right padding")
+        raise ExportError(
+            "--padding-side left: encoders must be right-padded (absolute positions, and ORT's fused Attention "
+            "reads the mask as per-row lengths)"
+        )
     policy = InputPolicy(
         template=InputBuilder.template_for(tokenizer),
         max_length=max_length or default_max_length(config, tokenizer, kind),
         truncation=truncation,
         padding_side=padding_side or ("left" if kind == "decoder" else "right"),
     )
-    builder = InputBuilder(tokenizer, kind, policy)
+    # The traced example always truncates: the policy's error mode is for users' inputs, not ours.
+    builder = InputBuilder(tokenizer, kind, policy.model_copy(update={"truncation": "left"}))
     example = collate(
         builder.encode(_TRACE_ITEMS), kind=kind, pad_id=builder.pad_id, padding_side=policy.padding_side
     )
@@ -172,10 +176,18 @@ def _export_onnx(
         else:
             program = torch.onnx.export(
                 model, args, dynamo=True, input_names=input_names, output_names=OUTPUTS,
-                dynamic_axes=axes, optimize=True,
+                dynamic_shapes=_dynamic_shapes(input_names), optimize=True,
             )  # fmt: skip
             program.save(str(path))
     log.info("exported fp32 graph with the %s exporter in %.1fs", exporter, time.perf_counter() - t)
+
+
+def _dynamic_shapes(input_names: list[str]) -> dict[str, dict[int, object]]:
+    """torch.export dims for the dynamo exporter, named like the TorchScript dynamic axes."""
+    from torch.export import Dim
+
+    dims = {name: Dim(name) for name in ("batch", "sequence", "prompts", "prompt_sequence")}
+    return {name: {axis: dims[label] for axis, label in _DYNAMIC_AXES[name].items()} for name in input_names}
 
 
 def _fuse_bert(path: Path, config) -> dict[str, int]:

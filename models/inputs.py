@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tokenizers import Tokenizer
 
+from models.errors import describe
 from models.manifest import InputPolicy
 
 Kind = Literal["encoder", "decoder"]
@@ -268,10 +269,7 @@ def parse_item(obj: object, where: str = "item") -> Item:
     try:
         return Item.model_validate(obj)
     except ValidationError as e:
-        err = e.errors()[0]
-        path = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
-        msg = err["msg"].removeprefix("Value error, ")
-        raise InvalidItem(f"{where}: {path}: {msg}" if path else f"{where}: {msg}") from None
+        raise InvalidItem(f"{where}: {describe(e, limit=1)}") from None
 
 
 ITEM_FIELDS = ("messages", "prompt", "response", "text")

@@ -95,6 +95,9 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         check_objectives(self.objectives)
+        if self.backbone.kind == "encoder" and self.input.padding_side == "left":
+            # ORT's fused Attention reads the mask as per-row lengths (ReduceSum), which assumes right padding.
+            raise ValueError("input.padding_side: encoders must be right-padded")
         if not self.graphs:
             raise ValueError("graphs: an artifact needs at least one ONNX graph")
         for precision, graph in self.graphs.items():

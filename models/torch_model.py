@@ -69,8 +69,12 @@ class EncoderRewardModel(nn.Module):
             return reward_emb, None
         return reward_emb, self._pool(prompt_input_ids, prompt_attention_mask).index_select(0, prompt_index)
 
-    def forward(self, *inputs):
-        return self.heads(*self.embeddings(*inputs))
+    def forward(
+        self, input_ids, attention_mask, prompt_input_ids=None, prompt_attention_mask=None, prompt_index=None
+    ):
+        return self.heads(
+            *self.embeddings(input_ids, attention_mask, prompt_input_ids, prompt_attention_mask, prompt_index)
+        )
 
 
 class DecoderRewardModel(nn.Module):
@@ -93,8 +97,8 @@ class DecoderRewardModel(nn.Module):
         last = (attention_mask * positions).amax(-1)  # last real token, for left and right padding alike
         return gather_rows(hidden, last), gather_rows(hidden, gating_index)
 
-    def forward(self, *inputs):
-        return self.heads(*self.embeddings(*inputs))
+    def forward(self, input_ids, attention_mask, gating_index):
+        return self.heads(*self.embeddings(input_ids, attention_mask, gating_index))
 
 
 RewardModel = EncoderRewardModel | DecoderRewardModel

@@ -54,41 +54,21 @@ def objectives(
     Missing ratings are allowed (each objective uses the rows that have it). The heads combine objectives
     with fixed equal weights; export them with `polyreward export --heads OUT`.
     """
-    import torch
-
     from models.cli import default_backbone
-    from models.export import default_max_length
-    from models.heads import HeadsConfig, RewardHeads, save_heads
-    from models.inputs import InputBuilder
-    from models.manifest import InputPolicy
+    from models.heads import save_heads
     from models.objectives import Objective
-    from models.torch_model import build_reward_model, detect_kind, load_backbone
-    from training.featurize import featurize
-    from training.ridge import fit_ridge
+    from training.stage1 import fit_objectives
 
     items, labels, names = read_ratings_jsonl(data, objective)
-    config, torch_backbone, tokenizer = load_backbone(backbone or default_backbone())
-    kind = detect_kind(config)
-    cfg = HeadsConfig(
-        objectives=[Objective(name=n, source=f"{data.name}:ratings.{n}") for n in names],
-        hidden_size=config.hidden_size,
-        kind="fixed",
+    heads, fitted = fit_objectives(
+        backbone or default_backbone(),
+        items,
+        labels,
+        [Objective(name=n, source=f"{data.name}:ratings.{n}") for n in names],
+        alpha=alpha,
     )
-    heads = RewardHeads(cfg)
-    model = build_reward_model(torch_backbone, heads, kind)
-    policy = InputPolicy(
-        template=InputBuilder.template_for(tokenizer),
-        max_length=default_max_length(config, tokenizer, kind),
-        padding_side="left" if kind == "decoder" else "right",
-    )
-    reward_emb, _ = featurize(model, InputBuilder(tokenizer, kind, policy), items)
-    weights, bias = fit_ridge(reward_emb, labels, alpha)
-    with torch.no_grad():
-        heads.regression.weight.copy_(torch.from_numpy(weights))
-        heads.regression.bias.copy_(torch.from_numpy(bias))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_heads(heads, out)
-    fitted = reward_emb @ weights.T + bias
     for k, name in enumerate(names):
         rows = ~np.isnan(labels[:, k])
         r = np.corrcoef(fitted[rows, k], labels[rows, k])[0, 1]

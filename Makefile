@@ -1,0 +1,26 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the checks.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+# torch==2.13.0 first: an unpinned torch would pull the newest CUDA build (several GB).
+$(BIN)/polyreward: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+.PHONY: install demo test
+install: $(BIN)/polyreward
+
+demo: $(BIN)/polyreward
+	$(BIN)/polyreward train objectives --data examples/ratings.jsonl --out build/demo/heads.safetensors
+	$(BIN)/polyreward export --heads build/demo/heads.safetensors --out build/demo/artifact --overwrite
+	$(BIN)/polyreward score build/demo/artifact --input examples/items.jsonl
+
+test: $(BIN)/polyreward
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q

@@ -1,0 +1,16 @@
+"""One-line, field-named descriptions of pydantic validation errors (for CLI, API and artifact errors)."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+def describe(error: ValidationError, limit: int = 3) -> str:
+    """`messages[1].role: Input should be ...; input.max_length: ...` (at most `limit` errors)."""
+    parts = []
+    for err in error.errors()[:limit]:
+        path = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{path}: {msg}" if path else msg)
+    more = len(error.errors()) - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

@@ -1,0 +1,111 @@
+"""The real `polyreward` command line, run as a subprocess: train → export → score → check-parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+# The installed console script, next to this interpreter: the entry point users run.
+POLYREWARD = Path(sys.executable).parent / "polyreward"
+
+
+def polyreward(*args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    proc = subprocess.run(
+        [POLYREWARD, *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"polyreward {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}"
+        )
+    return proc
+
+
+@pytest.mark.parametrize("command", [[], ["export"], ["check-parity"], ["score"], ["train", "objectives"]])
+def test_help(command):
+    out = polyreward(*command, "--help").stdout
+    assert "Usage: polyreward" in out and "--help" in out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, backbone_dirs):
+    """Train heads on the example ratings with the tiny Llama, then export them through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    heads, artifact = root / "heads.safetensors", root / "artifact"
+    train = polyreward(
+        "train", "objectives", "--data", REPO / "examples/ratings.jsonl", "--out", heads,
+        "--backbone", backbone_dirs["llama"],
+    )  # fmt: skip
+    assert "helpfulness: 84 labels" in train.stderr
+    polyreward(
+        "export",
+        "--heads",
+        heads,
+        "--out",
+        artifact,
+        "--backbone",
+        backbone_dirs["llama"],
+        "--precision",
+        "fp32",
+    )
+    return artifact
+
+
+def test_score_writes_one_line_per_input_in_order(pipeline):
+    out = polyreward("score", pipeline, "--input", REPO / "examples/items.jsonl").stdout.splitlines()
+    ids = [json.loads(line)["id"] for line in (REPO / "examples/items.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in out]
+    assert [r["id"] for r in rows] == ids
+    for r in rows:
+        assert set(r["rewards"]) == set(r["gating"]) == {"harmlessness", "helpfulness"}
+        assert r["tokens"] > 0 and isinstance(r["truncated"], bool)
+        assert r["score"] == pytest.approx(
+            sum(r["gating"][k] * r["rewards"][k] for k in r["rewards"]), abs=1e-4
+        )
+
+
+def test_check_parity_prints_one_json_object(pipeline):
+    report = json.loads(polyreward("check-parity", pipeline, "--json").stdout)
+    assert set(report) == {"fp32"}
+    assert report["fp32"]["n"] == 40 and report["fp32"]["pass"] is True
+    assert report["fp32"]["max_abs_diff"] <= 1e-4 and report["fp32"]["spearman_score"] >= 0.999
+
+
+def test_bad_input_fails_with_file_line_and_field(pipeline, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "yo"}\n{"messages": [{"role": "user", "content": "x"}]}\n')
+    proc = polyreward("score", pipeline, "--input", bad, check=False)
+    assert proc.returncode == 2
+    assert "bad.jsonl:2: messages[0].role: the last message must be the assistant reply" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_artifact_and_overlong_error_mode(pipeline, tmp_path):
+    proc = polyreward("score", tmp_path / "nope", "--input", REPO / "examples/items.jsonl", check=False)
+    assert proc.returncode == 2 and "manifest.json: not found" in proc.stderr
+    strict = tmp_path / "strict"
+    heads = pipeline / "heads.safetensors"
+    polyreward(
+        "export", "--heads", heads, "--out", strict, "--backbone", load_backbone_id(pipeline),
+        "--precision", "fp32", "--max-length", "32", "--truncation", "error",
+    )  # fmt: skip
+    proc = polyreward("score", strict, "--input", REPO / "examples/items.jsonl", check=False)
+    assert (
+        proc.returncode == 2
+        and "items.jsonl:1: item 0:" in proc.stderr
+        and "exceeds max_length 32" in proc.stderr
+    )
+
+
+def load_backbone_id(artifact):
+    return json.loads((artifact / "manifest.json").read_text())["backbone"]["id"]

@@ -1,0 +1,180 @@
+"""The input builder: formats, positions, truncation, padding, validation — on real tokenizers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tinymodels import chatml_tokenizer, llama3_tokenizer
+from transformers import AutoTokenizer
+
+from models.inputs import (
+    InputBuilder,
+    InputTooLong,
+    InvalidItem,
+    Item,
+    collate,
+    parse_item,
+    read_items_jsonl,
+    render_plain,
+)
+from models.manifest import InputPolicy
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3 + 3?"},
+    {"role": "assistant", "content": "It is 6."},
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer(backbone_dirs):
+    return AutoTokenizer.from_pretrained(backbone_dirs["minilm"])
+
+
+def builder(tokenizer, kind, max_length=512, truncation="left", padding_side=None):
+    policy = InputPolicy(
+        template=InputBuilder.template_for(tokenizer),
+        max_length=max_length,
+        truncation=truncation,
+        padding_side=padding_side or ("left" if kind == "decoder" else "right"),
+    )
+    return InputBuilder(tokenizer, kind, policy)
+
+
+@pytest.mark.parametrize("make", [llama3_tokenizer, chatml_tokenizer, "minilm"])
+def test_three_formats_encode_identically(make, minilm_tokenizer):
+    tok = minilm_tokenizer if make == "minilm" else make()
+    kind = "encoder" if make == "minilm" else "decoder"
+    b = builder(tok, kind)
+    messages = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}]
+    rendered = b.render(Item(messages=messages).messages)
+    as_pair, as_messages, as_text = b.encode(
+        [Item(prompt="Name a prime.", response="Seven."), Item(messages=messages), Item(text=rendered)]
+    )
+    assert as_pair == as_messages == as_text
+    assert (as_pair.prompt_ids is None) == (kind == "decoder")
+
+
+def test_llama3_gating_position_is_the_eot_before_the_last_assistant_turn():
+    tok = llama3_tokenizer()
+    b = builder(tok, "decoder")
+    (enc,) = b.encode([Item(messages=CHAT)])
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert enc.input_ids[enc.gating_pos] == eot
+    # Everything up to and including the gating token is exactly the rendered prompt part.
+    prompt_text = b.render(Item(messages=CHAT).messages[:-1])
+    assert tok.decode(enc.input_ids[: enc.gating_pos + 1]) == prompt_text
+    # ...and what follows starts the final assistant turn.
+    assert tok.decode(enc.input_ids[enc.gating_pos + 1 :]).startswith("<|start_header_id|>assistant")
+    assert enc.input_ids[-1] == eot  # the reward is read at the response's closing token
+
+
+def test_chatml_gating_position_ends_the_prompt_part():
+    tok = chatml_tokenizer()
+    b = builder(tok, "decoder")
+    (enc,) = b.encode([Item(messages=CHAT)])
+    assert tok.decode(enc.input_ids[: enc.gating_pos + 1]) == b.render(Item(messages=CHAT).messages[:-1])
+
+
+def test_plain_template_and_marker(minilm_tokenizer):
+    b = builder(minilm_tokenizer, "encoder")
+    assert b.response_marker == "\n\nAssistant: "
+    assert render_plain(Item(prompt="a", response="b").as_messages()) == "User: a\n\nAssistant: b"
+    (enc,) = b.encode([Item(text="no marker in here at all")])
+    # No assistant marker: the whole text is the gating input.
+    assert enc.prompt_ids == enc.input_ids
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_truncation_keeps_the_end_of_the_response_and_the_leading_special(kind, minilm_tokenizer):
+    tok = minilm_tokenizer if kind == "encoder" else llama3_tokenizer()
+    long_prompt = " ".join(f"word{i}" for i in range(400))
+    item = Item(prompt=long_prompt, response="The final answer is forty-two, as computed above.")
+    (full,) = builder(tok, kind, max_length=4096).encode([item])
+    (cut,) = builder(tok, kind, max_length=64).encode([item])
+    assert not full.truncated and cut.truncated
+    assert cut.tokens == 64 < full.tokens
+    assert cut.input_ids[0] == full.input_ids[0]  # CLS / BOS kept
+    assert cut.input_ids[-40:] == full.input_ids[-40:]  # the response's end survives
+    if kind == "decoder":
+        # the gating token moved with the cut and is still the prompt's closing <|eot_id|>
+        assert cut.input_ids[cut.gating_pos] == full.input_ids[full.gating_pos]
+        assert cut.tokens - cut.gating_pos == full.tokens - full.gating_pos
+    with pytest.raises(InputTooLong, match=r"item 0: .* exceeds max_length 64"):
+        builder(tok, kind, max_length=64, truncation="error").encode([item])
+
+
+def test_response_longer_than_max_length_keeps_its_end():
+    tok = llama3_tokenizer()
+    item = Item(prompt="Hi", response=" ".join(f"tok{i}" for i in range(300)) + " THE END")
+    (full,) = builder(tok, "decoder", max_length=4096).encode([item])
+    (cut,) = builder(tok, "decoder", max_length=32).encode([item])
+    assert cut.input_ids[-12:] == full.input_ids[-12:]
+    assert cut.gating_pos == 1  # whole prompt dropped: falls back to the last protected leading special
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collate_decoder_positions_follow_padding(side):
+    b = builder(llama3_tokenizer(), "decoder")
+    encs = b.encode([Item(prompt="a", response="b"), Item(messages=CHAT)])
+    arr = collate(encs, kind="decoder", pad_id=b.pad_id, padding_side=side)
+    length = arr["input_ids"].shape[1]
+    for row, e in enumerate(encs):
+        real = np.flatnonzero(arr["attention_mask"][row])
+        assert arr["input_ids"][row, real].tolist() == list(e.input_ids)
+        assert (real[0] == length - e.tokens) if side == "left" else (real[0] == 0)
+        assert arr["input_ids"][row, arr["gating_index"][row]] == e.input_ids[e.gating_pos]
+
+
+def test_collate_encoder_deduplicates_prompts(minilm_tokenizer):
+    b = builder(minilm_tokenizer, "encoder")
+    encs = b.encode(
+        [Item(prompt="p1", response="a"), Item(prompt="p2", response="b"), Item(prompt="p1", response="c")]
+    )
+    arr = collate(encs, kind="encoder", pad_id=b.pad_id, padding_side="right")
+    assert arr["prompt_input_ids"].shape[0] == 2
+    assert arr["prompt_index"].tolist() == [0, 1, 0]
+    assert "gating_index" not in arr
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "messages[0].role: the last message must be the assistant",
+        ),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role: Input should be"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content: Field required"),
+        ({"prompt": "hi"}, "response: required together with prompt"),
+        ({"response": "hi"}, "prompt: required together with response"),
+        ({"text": "a", "messages": [{"role": "assistant", "content": "x"}]}, "not messages and text"),
+        ({}, "an item needs one of: messages, prompt+response, text"),
+        ({"text": 5}, "text: Input should be a valid string"),
+        ({"txt": "x"}, "txt: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_items_name_the_field(obj, message):
+    with pytest.raises(InvalidItem) as e:
+        parse_item(obj, "items[3]")
+    assert str(e.value).startswith("items[3]")
+    assert message in str(e.value)
+
+
+def test_read_items_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        json.dumps({"id": 1, "prompt": "p", "response": "r"}) + "\n\n" + json.dumps({"prompt": "p"}) + "\n"
+    )
+    with pytest.raises(InvalidItem, match=r"in\.jsonl:3: response: required together with prompt"):
+        read_items_jsonl(path)
+    path.write_text('{"prompt": "p", "response": "r", "id": "a"}\n{not json\n')
+    with pytest.raises(InvalidItem, match=r"in\.jsonl:2: not valid JSON"):
+        read_items_jsonl(path)
+    path.write_text('{"prompt": "p", "response": "r", "id": "a"}\n')
+    items, extras, lines = read_items_jsonl(path)
+    assert items == [Item(prompt="p", response="r")] and extras == [{"id": "a"}] and lines == [1]
