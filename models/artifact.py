@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from models.errors import describe
+from models.errors import PolyrewardError, describe
 from models.manifest import SUPPORTED_SCHEMA_VERSIONS, FileEntry, Manifest, Precision
 
 MANIFEST = "manifest.json"
@@ -24,7 +24,7 @@ TOKENIZER_DIR = "tokenizer"
 HEADS_FILE = "heads.safetensors"
 
 
-class ArtifactError(Exception):
+class ArtifactError(PolyrewardError):
     """An artifact is missing, damaged or of an unknown format. The message names the file."""
 
 

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from models.artifact import ArtifactError
+from models.errors import PolyrewardError
 from models.inputs import InputTooLong, InvalidItem
 from models.manifest import PRECISIONS
 
@@ -28,9 +28,7 @@ app = typer.Typer(
 )
 
 # Errors that are the user's to fix: printed as one line, exit code 2, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ArtifactError, InvalidItem, InputTooLong, FileNotFoundError, IsADirectoryError, PermissionError, ValueError,
-)  # fmt: skip
+USER_ERRORS = (PolyrewardError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 def default_backbone() -> Path:
@@ -140,7 +138,7 @@ def score(
     try:
         results = scorer.score(items, progress=sys.stderr.isatty())
     except InputTooLong as e:
-        raise ValueError(f"{input}:{lines[e.index]}: {e}") from None
+        raise InvalidItem(f"{input}:{lines[e.index]}: {e}") from None
     for extra, r in zip(extras, results, strict=True):
         row = {
             **extra,

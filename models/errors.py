@@ -1,8 +1,12 @@
-"""One-line, field-named descriptions of pydantic validation errors (for CLI, API and artifact errors)."""
+"""Errors the user can fix, and one-line, field-named descriptions of pydantic validation errors."""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
+
+
+class PolyrewardError(Exception):
+    """Bad input, a damaged artifact, a wrong file: the CLI prints the message (no traceback) and exits 2."""
 
 
 def describe(error: ValidationError, limit: int = 3) -> str:

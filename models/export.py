@@ -22,6 +22,7 @@ import torch
 
 from models import __version__
 from models.artifact import HEADS_FILE, TOKENIZER_DIR, finalize_manifest, sha256_file, staged_directory
+from models.errors import PolyrewardError
 from models.heads import load_heads, save_heads
 from models.inputs import InputBuilder, Item, Kind, collate
 from models.manifest import PRECISIONS, BackboneInfo, GraphEntry, HeadInfo, InputPolicy, Manifest, Precision
@@ -64,8 +65,8 @@ _TRACE_ITEMS = [
 ]
 
 
-class ExportError(RuntimeError):
-    pass
+class ExportError(PolyrewardError):
+    """The export cannot go ahead (bad option) or produced a graph that does not match PyTorch."""
 
 
 def default_max_length(config, tokenizer, kind: Kind) -> int:

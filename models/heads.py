@@ -22,9 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.errors import PolyrewardError
 from models.objectives import Objective, check_objectives
 
 HEADS_METADATA_KEY = "polyreward.heads"
+
+
+class HeadsError(PolyrewardError, ValueError):
+    """A heads file that is not ours, or whose tensors do not match its config."""
 
 
 class GatingConfig(BaseModel):
@@ -107,7 +112,7 @@ def read_heads_config(path: str | Path) -> HeadsConfig:
     with safe_open(str(path), framework="pt") as f:
         meta = (f.metadata() or {}).get(HEADS_METADATA_KEY)
     if meta is None:
-        raise ValueError(f"{path}: not a polyreward heads file (no '{HEADS_METADATA_KEY}' metadata)")
+        raise HeadsError(f"{path}: not a polyreward heads file (no '{HEADS_METADATA_KEY}' metadata)")
     return HeadsConfig.model_validate(json.loads(meta))
 
 
@@ -120,12 +125,12 @@ def load_heads(path: str | Path) -> RewardHeads:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise HeadsError(
             f"{path}: heads tensors do not match the config: missing {missing}, unexpected {unexpected}"
         )
     for name, t in state.items():
         if t.shape != expected[name].shape:
-            raise ValueError(
+            raise HeadsError(
                 f"{path}: tensor {name} has shape {list(t.shape)}, expected {list(expected[name].shape)}"
             )
     heads.load_state_dict(state)

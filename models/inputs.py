@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tokenizers import Tokenizer
 
-from models.errors import describe
+from models.errors import PolyrewardError, describe
 from models.manifest import InputPolicy
 
 Kind = Literal["encoder", "decoder"]
@@ -89,7 +89,7 @@ class Item(BaseModel):
         ]
 
 
-class InputTooLong(ValueError):
+class InputTooLong(PolyrewardError, ValueError):
     def __init__(self, index: int, tokens: int, max_length: int):
         self.index = index
         super().__init__(
@@ -173,13 +173,11 @@ class InputBuilder:
         """Tokenize a list of items (in one Rust call) and apply truncation; results in input order."""
         parts = [self.split(it) for it in items]
         encodings = self._tok.encode_batch([full for _, full in parts], add_special_tokens=self._add_special)
-        prompt_ids: dict[str, tuple[int, ...]] = {}
-        if self.kind == "encoder":
+        prompt_ids: dict[str, list[int]] = {}
+        if self.kind == "encoder":  # each distinct prompt tokenized once
             distinct = list(dict.fromkeys(p for p, _ in parts))
-            for text, enc in zip(
-                distinct, self._tok.encode_batch(distinct, add_special_tokens=self._add_special), strict=True
-            ):
-                prompt_ids[text] = tuple(enc.ids)
+            encoded = self._tok.encode_batch(distinct, add_special_tokens=self._add_special)
+            prompt_ids = {text: enc.ids for text, enc in zip(distinct, encoded, strict=True)}
         out = []
         for i, ((prompt, _), enc) in enumerate(zip(parts, encodings, strict=True)):
             ids = list(enc.ids)
@@ -188,7 +186,7 @@ class InputBuilder:
             ids, gating_pos, truncated = self._truncate(i, ids, gating_pos)
             p_ids = None
             if self.kind == "encoder":
-                p_ids, _, p_trunc = self._truncate(i, list(prompt_ids[prompt]) or ids[:1], 0)
+                p_ids, _, p_trunc = self._truncate(i, prompt_ids[prompt] or ids[:1], 0)
                 truncated = truncated or p_trunc
                 p_ids = tuple(p_ids)
             out.append(Encoded(tuple(ids), gating_pos, p_ids, truncated))
@@ -258,7 +256,7 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[np.ndar
     return ids, mask, offsets
 
 
-class InvalidItem(ValueError):
+class InvalidItem(PolyrewardError, ValueError):
     """An item that is not one of the accepted shapes; the message names the field."""
 
 

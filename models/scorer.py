@@ -61,7 +61,7 @@ class Scorer:
         threads: int | None = None,
     ):
         import onnxruntime as ort
-        from transformers import AutoTokenizer
+        from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: that imports torch when present
 
         self.artifact = Path(artifact)
         available = ort.get_available_providers()
@@ -73,7 +73,7 @@ class Scorer:
         verify_graph(self.artifact, self.manifest, precision)
         self.precision: Precision = precision
         self.device = device
-        tokenizer = AutoTokenizer.from_pretrained(self.artifact / TOKENIZER_DIR)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(self.artifact / TOKENIZER_DIR)
         self.builder = InputBuilder(tokenizer, self.manifest.backbone.kind, self.manifest.input)
         self.token_budget = token_budget
         self.max_batch_items = max_batch_items

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.heads import RewardHeads
+from models.heads import HeadsError, RewardHeads
 from models.inputs import Encoded, Kind, collate
 
 ENCODER_INPUTS = ["input_ids", "attention_mask", "prompt_input_ids", "prompt_attention_mask", "prompt_index"]
@@ -113,7 +113,10 @@ def load_backbone(backbone_dir: str | os.PathLike, dtype: torch.dtype = torch.fl
         raise FileNotFoundError(f"{path}: no config.json — expected a Hugging Face model directory")
     config = AutoConfig.from_pretrained(path)
     # Eager attention is the form ONNX Runtime's transformer optimizer can fuse (DESIGN.md section 5).
-    backbone = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=dtype).eval()
+    # use_safetensors: weights are never unpickled, so a directory with only pytorch_model.bin is refused.
+    backbone = AutoModel.from_pretrained(
+        path, attn_implementation="eager", dtype=dtype, use_safetensors=True
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return config, backbone, tokenizer
 
@@ -121,7 +124,7 @@ def load_backbone(backbone_dir: str | os.PathLike, dtype: torch.dtype = torch.fl
 def build_reward_model(backbone: nn.Module, heads: RewardHeads, kind: Kind) -> RewardModel:
     hidden = backbone.config.hidden_size
     if heads.cfg.hidden_size != hidden:
-        raise ValueError(f"heads expect hidden size {heads.cfg.hidden_size}, the backbone has {hidden}")
+        raise HeadsError(f"heads expect hidden size {heads.cfg.hidden_size}, the backbone has {hidden}")
     cls = EncoderRewardModel if kind == "encoder" else DecoderRewardModel
     return cls(backbone, heads).eval()
 

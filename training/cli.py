@@ -30,6 +30,11 @@ def read_ratings_jsonl(path: Path, objectives: list[str] | None) -> tuple[list[I
     if not names:
         raise InvalidItem(f"{path}: no ratings found")
     labels = np.array([[_num(r.get(n)) for n in names] for r in rows], np.float64)
+    for name, count in zip(names, (~np.isnan(labels)).sum(0), strict=True):
+        if count < 2:
+            raise InvalidItem(
+                f"{path}: objective {name!r} has {count} ratings; at least 2 are needed to fit it"
+            )
     return items, labels, names
 
 

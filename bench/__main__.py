@@ -1,0 +1,14 @@
+"""python -m bench offline [--artifact DIR] [--items N] [--repeats R]"""
+
+from __future__ import annotations
+
+import sys
+
+from bench import offline
+
+WORKLOADS = {"offline": offline.main}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in WORKLOADS:
+        sys.exit(f"usage: python -m bench {{{'|'.join(WORKLOADS)}}} [options]  (each has --help)")
+    WORKLOADS[sys.argv[1]](sys.argv[2:])
