@@ -219,11 +219,17 @@ def _quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     t = time.perf_counter()
-    quantize_dynamic(
-        str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
-        nodes_to_exclude=_head_nodes(onnx.load(str(src), load_external_data=False)),
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )  # fmt: skip
+    root = logging.getLogger()  # the quantizer logs advice meant for its own examples on the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+            nodes_to_exclude=_head_nodes(onnx.load(str(src), load_external_data=False)),
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )  # fmt: skip
+    finally:
+        root.setLevel(level)
     log.info("int8 per-channel dynamic quantization in %.1fs", time.perf_counter() - t)
 
 

@@ -18,8 +18,9 @@ import numpy as np
 
 from models.artifact import TOKENIZER_DIR, load_manifest, verify_graph
 from models.batching import plan_batches
+from models.errors import PolyrewardError
 from models.inputs import Encoded, InputBuilder, Item, collate, parse_item
-from models.manifest import Manifest, Precision
+from models.manifest import PRECISIONS, Manifest, Precision
 
 log = logging.getLogger("polyreward.scorer")
 
@@ -63,6 +64,10 @@ class Scorer:
         import onnxruntime as ort
         from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: that imports torch when present
 
+        if device not in ("auto", *_PROVIDERS):
+            raise PolyrewardError(f"device: {device!r} is not one of auto, {', '.join(_PROVIDERS)}")
+        if precision not in ("auto", *PRECISIONS):
+            raise PolyrewardError(f"precision: {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
         self.artifact = Path(artifact)
         available = ort.get_available_providers()
         if device == "auto":

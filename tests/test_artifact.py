@@ -79,3 +79,12 @@ def test_heads_file_is_plain_safetensors_with_config(artifact):
     with safe_open(str(artifact / "heads.safetensors"), framework="np") as f:
         assert "regression.weight" in f.keys()  # noqa: SIM118 - safe_open is not a dict
         assert json.loads(f.metadata()["polyreward.heads"])["kind"] == "moe"
+
+
+def test_unknown_device_or_precision_names_the_option(artifact):
+    from models.errors import PolyrewardError
+
+    with pytest.raises(PolyrewardError, match="device: 'gpu' is not one of auto, cpu, cuda, tensorrt"):
+        Scorer(artifact, device="gpu")
+    with pytest.raises(PolyrewardError, match="precision: 'bf16' is not one of auto, fp32, int8, fp16"):
+        Scorer(artifact, precision="bf16")
