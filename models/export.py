@@ -234,12 +234,16 @@ def _quantize_int8(src: Path, dst: Path) -> None:
 
 
 def _convert_fp16(src: Path, dst: Path) -> None:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = onnx.load(str(src))
-    half = convert_float_to_float16(model, keep_io_types=True, node_block_list=_head_nodes(model))
-    onnx.save(half, str(dst))
-    log.info("fp16 graph written (inputs and outputs stay int64 / float32)")
+    model = OnnxModel(onnx.load(str(src)))
+    # Symbolic shape inference types every intermediate tensor, so Casts land around the fp32 head nodes
+    # (without it the converter leaves an fp16 input on the fp32 regression Gemm and the graph will not load).
+    model.convert_float_to_float16(
+        keep_io_types=True, use_symbolic_shape_infer=True, node_block_list=_head_nodes(model.model)
+    )
+    model.save_model_to_file(str(dst))
+    log.info("fp16 graph written (inputs and outputs stay int64 / float32, heads float32)")
 
 
 def _check_against_torch(
