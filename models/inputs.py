@@ -49,7 +49,9 @@ class Item(BaseModel):
     )
     prompt: str | None = Field(None, description="a user prompt; needs `response`")
     response: str | None = Field(None, description="the assistant reply to `prompt`")
-    text: str | None = Field(None, description="an already-templated conversation (as OpenRLHF sends it)")
+    text: str | None = Field(
+        None, min_length=1, description="an already-templated conversation (as OpenRLHF sends it)"
+    )
 
     @model_validator(mode="after")
     def _one_format(self) -> Item:

@@ -155,6 +155,7 @@ def test_collate_encoder_deduplicates_prompts(minilm_tokenizer):
         ({"text": "a", "messages": [{"role": "assistant", "content": "x"}]}, "not messages and text"),
         ({}, "an item needs one of: messages, prompt+response, text"),
         ({"text": 5}, "text: Input should be a valid string"),
+        ({"text": ""}, "text: String should have at least 1 character"),
         ({"txt": "x"}, "txt: Extra inputs are not permitted"),
     ],
 )
