@@ -69,10 +69,33 @@ class ExportError(PolyrewardError):
     """The export cannot go ahead (bad option) or produced a graph that does not match PyTorch."""
 
 
-def default_max_length(config, tokenizer, kind: Kind) -> int:
-    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    usable = [int(v) for v in limits if isinstance(v, int) and 8 <= v < 1_000_000]
-    return min([*usable, 512 if kind == "encoder" else 4096])
+def input_policy(
+    config,
+    tokenizer,
+    kind: Kind,
+    *,
+    max_length: int | None = None,
+    truncation: Literal["left", "error"] = "left",
+    padding_side: Literal["left", "right"] | None = None,
+) -> InputPolicy:
+    """The input policy for a backbone: one place, so featurization and export always agree.
+
+    Defaults: the model's own length limit (capped at 512 for encoders, 4096 for decoders); right padding for
+    encoders, left for decoders.
+    """
+    if max_length is None:
+        limits = [
+            getattr(config, "max_position_embeddings", None),
+            getattr(tokenizer, "model_max_length", None),
+        ]
+        usable = [int(v) for v in limits if isinstance(v, int) and 8 <= v < 1_000_000]
+        max_length = min([*usable, 512 if kind == "encoder" else 4096])
+    return InputPolicy(
+        template=InputBuilder.template_for(tokenizer),
+        max_length=max_length,
+        truncation=truncation,
+        padding_side=padding_side or ("left" if kind == "decoder" else "right"),
+    )
 
 
 def export_artifact(
@@ -105,11 +128,8 @@ def export_artifact(
             "--padding-side left: encoders must be right-padded (absolute positions, and ORT's fused Attention "
             "reads the mask as per-row lengths)"
         )
-    policy = InputPolicy(
-        template=InputBuilder.template_for(tokenizer),
-        max_length=max_length or default_max_length(config, tokenizer, kind),
-        truncation=truncation,
-        padding_side=padding_side or ("left" if kind == "decoder" else "right"),
+    policy = input_policy(
+        config, tokenizer, kind, max_length=max_length, truncation=truncation, padding_side=padding_side
     )
     # The traced example always truncates: the policy's error mode is for users' inputs, not ours.
     builder = InputBuilder(tokenizer, kind, policy.model_copy(update={"truncation": "left"}))

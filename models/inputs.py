@@ -183,8 +183,12 @@ class InputBuilder:
         out = []
         for i, ((prompt, _), enc) in enumerate(zip(parts, encodings, strict=True)):
             ids = list(enc.ids)
-            n_prompt = len(prompt)
-            gating_pos = max((j for j, (_, end) in enumerate(enc.offsets) if 0 < end <= n_prompt), default=0)
+            gating_pos = 0  # encoders read the gating embedding from the prompt's own pass instead
+            if self.kind == "decoder":
+                n_prompt = len(prompt)
+                gating_pos = max(
+                    (j for j, (_, end) in enumerate(enc.offsets) if 0 < end <= n_prompt), default=0
+                )
             ids, gating_pos, truncated = self._truncate(i, ids, gating_pos)
             p_ids = None
             if self.kind == "encoder":

@@ -8,10 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.export import default_max_length
+from models.export import input_policy
 from models.heads import HeadsConfig, RewardHeads
 from models.inputs import InputBuilder, Item
-from models.manifest import InputPolicy
 from models.objectives import Objective
 from models.torch_model import build_reward_model, detect_kind, load_backbone
 from training.featurize import featurize
@@ -37,11 +36,7 @@ def fit_objectives(
         HeadsConfig(objectives=list(objectives), hidden_size=config.hidden_size, kind="fixed")
     )
     model = build_reward_model(backbone, heads, kind)
-    policy = InputPolicy(
-        template=InputBuilder.template_for(tokenizer),
-        max_length=default_max_length(config, tokenizer, kind),
-        padding_side="left" if kind == "decoder" else "right",
-    )
+    policy = input_policy(config, tokenizer, kind)
     reward_emb, _ = featurize(model, InputBuilder(tokenizer, kind, policy), items, progress=progress)
     weights, bias = fit_ridge(reward_emb, labels, alpha)
     with torch.no_grad():
