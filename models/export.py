@@ -25,8 +25,24 @@ from models.artifact import HEADS_FILE, TOKENIZER_DIR, finalize_manifest, sha256
 from models.errors import PolyrewardError
 from models.heads import load_heads, save_heads
 from models.inputs import InputBuilder, Item, Kind, collate
-from models.manifest import PRECISIONS, BackboneInfo, GraphEntry, HeadInfo, InputPolicy, Manifest, Precision
-from models.torch_model import OUTPUTS, RewardModel, build_reward_model, detect_kind, load_backbone
+from models.manifest import (
+    PRECISIONS,
+    BackboneInfo,
+    CalibrationStat,
+    GraphEntry,
+    HeadInfo,
+    InputPolicy,
+    Manifest,
+    Precision,
+)
+from models.torch_model import (
+    Embedder,
+    RewardModel,
+    build_embedder,
+    build_reward_model,
+    detect_kind,
+    load_backbone,
+)
 
 log = logging.getLogger("polyreward.export")
 
@@ -48,6 +64,9 @@ _DYNAMIC_AXES = {
     "rewards": {0: "batch"},
     "gating": {0: "batch"},
     "score": {0: "batch"},
+    "uncertainty": {0: "batch"},
+    "reward_embedding": {0: "batch"},
+    "gating_embedding": {0: "batch"},
 }
 # Traced example: mixed lengths, a shared prompt and a distinct one, so no shape is specialised.
 _TRACE_ITEMS = [
@@ -112,8 +131,15 @@ def export_artifact(
     exporter: Literal["torchscript", "dynamo"] = "torchscript",
     fuse: bool = True,
     overwrite: bool = False,
+    version: str | None = None,
+    calibration: dict[str, CalibrationStat] | None = None,
+    metrics: dict | None = None,
+    provenance: dict | None = None,
 ) -> Manifest:
-    """Build an artifact directory at `out` (written atomically). fp32 is always built: the others derive from it."""
+    """Build an artifact directory at `out` (written atomically). fp32 is always built: the others derive from it.
+
+    version, calibration, metrics and provenance (merged into the exporter's own) go into the manifest as given.
+    """
     unknown = set(precisions) - set(PRECISIONS)
     if unknown:
         raise ExportError(f"--precision: unknown {sorted(unknown)}; choose from {', '.join(PRECISIONS)}")
@@ -131,11 +157,7 @@ def export_artifact(
     policy = input_policy(
         config, tokenizer, kind, max_length=max_length, truncation=truncation, padding_side=padding_side
     )
-    # The traced example always truncates: the policy's error mode is for users' inputs, not ours.
-    builder = InputBuilder(tokenizer, kind, policy.model_copy(update={"truncation": "left"}))
-    example = collate(
-        builder.encode(_TRACE_ITEMS), kind=kind, pad_id=builder.pad_id, padding_side=policy.padding_side
-    )
+    example = _trace_example(tokenizer, kind, policy)
     input_names = model.input_names()
     log.info(
         "loaded %s backbone %s (%s) in %.1fs", kind, backbone_dir, config.model_type, time.perf_counter() - t0
@@ -174,29 +196,67 @@ def export_artifact(
             ),
             input=policy,
             graphs=graphs,
-            provenance=_provenance(exporter, heads_file, fused_ops),
+            calibration=calibration,
+            metrics=metrics or {},
+            provenance={**(provenance or {}), **_provenance(exporter, heads_file, fused_ops)},
+            **({"version": version} if version else {}),
         )
         manifest = finalize_manifest(tmp, manifest)
     log.info("wrote %s (%s) in %.1fs", out, ", ".join(wanted), time.perf_counter() - t0)
     return manifest
 
 
+def _trace_example(tokenizer, kind: Kind, policy: InputPolicy) -> dict[str, np.ndarray]:
+    # The traced example always truncates: the policy's error mode is for users' inputs, not ours.
+    builder = InputBuilder(tokenizer, kind, policy.model_copy(update={"truncation": "left"}))
+    return collate(
+        builder.encode(_TRACE_ITEMS), kind=kind, pad_id=builder.pad_id, padding_side=policy.padding_side
+    )
+
+
+def export_embedder(
+    backbone_dir: str | os.PathLike, path: str | os.PathLike, *, max_length: int | None = None
+) -> InputPolicy:
+    """Export the backbone and pooling alone (no heads) as one fp32 graph, for featurization.
+
+    Encoders: (input_ids, attention_mask) -> reward_embedding [N, D] (a prompt is just another sequence);
+    decoders: (input_ids, attention_mask, gating_index) -> reward_embedding, gating_embedding. The graph is
+    fused like an artifact's, so embeddings match what artifacts compute. Returns the input policy used.
+    """
+    config, backbone, tokenizer = load_backbone(backbone_dir)
+    kind = detect_kind(config)
+    embedder = build_embedder(backbone, kind)
+    policy = input_policy(config, tokenizer, kind, max_length=max_length)
+    example = _trace_example(tokenizer, kind, policy)
+    path = Path(path)
+    _export_onnx(embedder, example, embedder.input_names(), path, "torchscript")
+    if kind == "encoder":
+        _fuse_bert(path, config)
+    _check_against_torch(embedder, example, embedder.input_names(), path)
+    return policy
+
+
 def _export_onnx(
-    model: RewardModel, example: dict[str, np.ndarray], input_names: list[str], path: Path, exporter
+    model: RewardModel | Embedder,
+    example: dict[str, np.ndarray],
+    input_names: list[str],
+    path: Path,
+    exporter,
 ):
     args = tuple(torch.from_numpy(example[n]) for n in input_names)
-    axes = {k: v for k, v in _DYNAMIC_AXES.items() if k in input_names or k in OUTPUTS}
+    outputs = model.output_names()
+    axes = {k: v for k, v in _DYNAMIC_AXES.items() if k in input_names or k in outputs}
     t = time.perf_counter()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             torch.onnx.export(
                 model, args, str(path), dynamo=False, opset_version=OPSET,
-                input_names=input_names, output_names=OUTPUTS, dynamic_axes=axes,
+                input_names=input_names, output_names=outputs, dynamic_axes=axes,
             )  # fmt: skip
         else:
             program = torch.onnx.export(
-                model, args, dynamo=True, input_names=input_names, output_names=OUTPUTS,
+                model, args, dynamo=True, input_names=input_names, output_names=outputs,
                 dynamic_shapes=_dynamic_shapes(input_names), optimize=True,
             )  # fmt: skip
             program.save(str(path))
@@ -267,16 +327,17 @@ def _convert_fp16(src: Path, dst: Path) -> None:
 
 
 def _check_against_torch(
-    model: RewardModel, example: dict[str, np.ndarray], input_names: list[str], path: Path
+    model: RewardModel | Embedder, example: dict[str, np.ndarray], input_names: list[str], path: Path
 ):
     """Refuse to ship a graph whose outputs differ from PyTorch on the traced example."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: example[i.name] for i in session.get_inputs()}
-    got = session.run(OUTPUTS, feeds)
+    got = session.run(model.output_names(), feeds)
     with torch.no_grad():
         want = model(*(torch.from_numpy(example[n]) for n in input_names))
+    want = want if isinstance(want, tuple) else (want,)
     diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want, strict=True))
     if not diff <= 1e-3:
         raise ExportError(

@@ -6,6 +6,13 @@ Layout and semantics follow ArmoRM (RLHFlow/ArmoRM-Llama3-8B-v0.1):
     gating  = softmax(MLP(gating_emb) / T) * logit_scale    [N, K]   (moe)   or   fixed weights (fixed)
     score   = sum(gating * (rewards @ transform), -1)       [N]
 
+Heads fitted in closed form (stage 1) also carry per-objective predictive uncertainty, a fourth output:
+
+    uncertainty = sqrt(noise + scale * z' A^-1 z),  z = reward_emb - mean_k                 [N, K]
+
+with A the ridge (or Laplace) posterior precision, stored low-rank: A^-1 = (I - B'B) / alpha, where the rows
+of B are the top eigenvectors of the data covariance scaled by sqrt(s / (s + alpha)).
+
 Heads are stored as safetensors with their configuration as JSON in the file's metadata, so a heads file is
 self-describing and loading it never unpickles anything.
 """
@@ -26,6 +33,7 @@ from models.errors import PolyrewardError
 from models.objectives import Objective, check_objectives
 
 HEADS_METADATA_KEY = "polyreward.heads"
+OUTPUTS = ["rewards", "gating", "score"]
 
 
 class HeadsError(PolyrewardError, ValueError):
@@ -45,6 +53,9 @@ class HeadsConfig(BaseModel):
     hidden_size: int = Field(ge=1, description="backbone hidden size D the heads read")
     kind: Literal["moe", "fixed"] = "moe"
     gating: GatingConfig | None = None
+    uncertainty_rank: int = Field(
+        0, ge=0, description="rank of the stored posterior factors; 0 = no uncertainty output"
+    )
 
     def model_post_init(self, _context) -> None:
         check_objectives(self.objectives)
@@ -81,14 +92,31 @@ class RewardHeads(nn.Module):
         self.gating = GatingNetwork(d, k, cfg.gating) if cfg.kind == "moe" and cfg.gating else None
         self.register_buffer("transform", torch.eye(k))
         self.register_buffer("fixed_weights", torch.full((k,), 1.0 / k))
+        if cfg.uncertainty_rank:
+            self.register_buffer("uncertainty_mean", torch.zeros(k, d))
+            self.register_buffer("uncertainty_basis", torch.zeros(k, cfg.uncertainty_rank, d))
+            self.register_buffer("uncertainty_inv_alpha", torch.ones(k))
+            self.register_buffer("uncertainty_noise", torch.zeros(k))
+            self.register_buffer("uncertainty_scale", torch.ones(k))
 
     @property
     def needs_gating_input(self) -> bool:
         return self.gating is not None
 
+    @property
+    def output_names(self) -> list[str]:
+        return [*OUTPUTS, "uncertainty"] if self.cfg.uncertainty_rank else OUTPUTS
+
+    def uncertainty(self, reward_emb: torch.Tensor) -> torch.Tensor:
+        """Predictive standard deviation of each objective's reward [N, K] (see the module docstring)."""
+        z = reward_emb.float()[:, None, :] - self.uncertainty_mean  # [N, K, D]
+        projected = torch.einsum("nkd,krd->nkr", z, self.uncertainty_basis)
+        quad = ((z * z).sum(-1) - (projected * projected).sum(-1)) * self.uncertainty_inv_alpha
+        return torch.sqrt(self.uncertainty_noise + self.uncertainty_scale * quad.clamp(min=0))
+
     def forward(
         self, reward_emb: torch.Tensor, gating_emb: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         rewards = self.regression(reward_emb.float())
         if self.gating is not None:
             assert gating_emb is not None, "moe heads need the gating embedding"
@@ -96,6 +124,8 @@ class RewardHeads(nn.Module):
         else:
             gating = self.fixed_weights.expand_as(rewards)
         score = (gating * (rewards @ self.transform)).sum(-1)
+        if self.cfg.uncertainty_rank:
+            return rewards, gating, score, self.uncertainty(reward_emb)
         return rewards, gating, score
 
 

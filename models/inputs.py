@@ -235,7 +235,7 @@ def collate(
     position after padding). Encoders get their distinct prompts once each: `prompt_input_ids` and
     `prompt_attention_mask` [P, Lp] and `prompt_index` [N] (row of each item's prompt).
     """
-    ids, mask, offsets = _pad([e.input_ids for e in batch], pad_id, padding_side)
+    ids, mask, offsets = pad_sequences([e.input_ids for e in batch], pad_id, padding_side)
     out = {"input_ids": ids, "attention_mask": mask}
     if kind == "decoder":
         out["gating_index"] = np.array(
@@ -244,12 +244,16 @@ def collate(
     else:
         rows: dict[tuple[int, ...], int] = {}
         index = [rows.setdefault(e.prompt_ids or (), len(rows)) for e in batch]
-        out["prompt_input_ids"], out["prompt_attention_mask"], _ = _pad(list(rows), pad_id, padding_side)
+        out["prompt_input_ids"], out["prompt_attention_mask"], _ = pad_sequences(
+            list(rows), pad_id, padding_side
+        )
         out["prompt_index"] = np.array(index, np.int64)
     return out
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def pad_sequences(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     length = max(len(s) for s in seqs)
     ids = np.full((len(seqs), length), pad_id, np.int64)
     mask = np.zeros((len(seqs), length), np.int64)

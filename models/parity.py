@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 from models.artifact import HEADS_FILE, ArtifactError, load_manifest, verify_files
 from models.heads import load_heads
 from models.inputs import Item, read_items_jsonl
-from models.scorer import OUTPUTS, Scorer
+from models.scorer import Scorer
 from models.torch_model import build_reward_model, load_backbone, score_torch
 
 # Release gates per variant: (max abs diff allowed, minimum score Spearman). fp32 must be exact; the reduced
@@ -64,13 +64,9 @@ def check_parity(
         if reference is None:
             encoded = scorer.encode(items)
             alone = [score_torch(model, [e], pad_id=scorer.builder.pad_id) for e in encoded]
-            reference = {k: np.concatenate([a[k] for a in alone]) for k in OUTPUTS}
-        got = {
-            "rewards": np.array([r.rewards for r in results]),
-            "gating": np.array([r.gating for r in results]),
-            "score": np.array([r.score for r in results]),
-        }
-        diff = max(float(np.abs(got[k] - reference[k]).max()) for k in OUTPUTS)
+            reference = {k: np.concatenate([a[k] for a in alone]) for k in alone[0]}
+        got = {k: np.array([getattr(r, k) for r in results]) for k in reference}
+        diff = max(float(np.abs(got[k] - reference[k]).max()) for k in reference)
         rho = float(spearmanr(got["score"], reference["score"]).statistic)
         max_diff, min_rho = GATES[precision]
         report[precision] = {

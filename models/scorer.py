@@ -25,7 +25,6 @@ from models.manifest import PRECISIONS, Manifest, Precision
 log = logging.getLogger("polyreward.scorer")
 
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
-OUTPUTS = ["rewards", "gating", "score"]
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -40,6 +39,7 @@ class ScoreResult:
     gating: list[float]
     tokens: int
     truncated: bool
+    uncertainty: list[float] | None = None  # predictive std per objective, when the heads carry it
 
 
 class Scorer:
@@ -100,6 +100,7 @@ class Scorer:
                 requested[0], self.providers[0], ", ".join(available),
             )  # fmt: skip
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
     @property
     def objectives(self) -> list[str]:
@@ -112,15 +113,15 @@ class Scorer:
         return plan_batches([e.tokens for e in encoded], self.token_budget, self.max_batch_items)
 
     def run(self, batch: Sequence[Encoded]) -> dict[str, np.ndarray]:
-        """One padded batch through the graph: {rewards [N,K], gating [N,K], score [N]}."""
+        """One padded batch through the graph: {rewards [N,K], gating [N,K], score [N], uncertainty? [N,K]}."""
         arrays = collate(
             batch,
             kind=self.builder.kind,
             pad_id=self.builder.pad_id,
             padding_side=self.manifest.input.padding_side,
         )
-        outputs = self.session.run(OUTPUTS, {name: arrays[name] for name in self.input_names})
-        return dict(zip(OUTPUTS, outputs, strict=True))
+        outputs = self.session.run(self.output_names, {name: arrays[name] for name in self.input_names})
+        return dict(zip(self.output_names, outputs, strict=True))
 
     def score(self, items: Sequence[Item | dict], *, progress: bool = False) -> list[ScoreResult]:
         """Score items (Item objects or dicts of the same shape); results come back in input order."""
@@ -140,6 +141,7 @@ class Scorer:
                     gating=out["gating"][row].tolist(),
                     tokens=encoded[i].tokens,
                     truncated=encoded[i].truncated,
+                    uncertainty=out["uncertainty"][row].tolist() if "uncertainty" in out else None,
                 )
             if bar is not None:
                 bar.update(len(batch))

@@ -26,7 +26,7 @@ from models.inputs import Encoded, Kind, collate
 
 ENCODER_INPUTS = ["input_ids", "attention_mask", "prompt_input_ids", "prompt_attention_mask", "prompt_index"]
 DECODER_INPUTS = ["input_ids", "attention_mask", "gating_index"]
-OUTPUTS = ["rewards", "gating", "score"]
+EMBEDDING_OUTPUTS = ["reward_embedding", "gating_embedding"]
 
 
 def detect_kind(config) -> Kind:
@@ -55,6 +55,9 @@ class EncoderRewardModel(nn.Module):
 
     def input_names(self) -> list[str]:
         return ENCODER_INPUTS if self.heads.needs_gating_input else ENCODER_INPUTS[:2]
+
+    def output_names(self) -> list[str]:
+        return self.heads.output_names
 
     def _pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -87,6 +90,9 @@ class DecoderRewardModel(nn.Module):
     def input_names(self) -> list[str]:
         return DECODER_INPUTS
 
+    def output_names(self) -> list[str]:
+        return self.heads.output_names
+
     def embeddings(self, input_ids, attention_mask, gating_index):
         """(reward embedding, gating embedding) per item, both from one causal pass."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -102,6 +108,30 @@ class DecoderRewardModel(nn.Module):
 
 
 RewardModel = EncoderRewardModel | DecoderRewardModel
+
+
+class Embedder(nn.Module):
+    """The reward model without its heads: pooled embeddings, for featurization through ONNX Runtime.
+
+    Encoders take one batch of sequences and return their pooled embedding (a prompt is just another
+    sequence); decoders return (reward embedding, gating embedding) from their one pass.
+    """
+
+    def __init__(self, model: RewardModel):
+        super().__init__()
+        self.model = model
+        self.kind = model.kind
+
+    def input_names(self) -> list[str]:
+        return ENCODER_INPUTS[:2] if self.kind == "encoder" else DECODER_INPUTS
+
+    def output_names(self) -> list[str]:
+        return EMBEDDING_OUTPUTS[:1] if self.kind == "encoder" else EMBEDDING_OUTPUTS
+
+    def forward(self, input_ids, attention_mask, gating_index=None):
+        if self.kind == "encoder":
+            return self.model.embeddings(input_ids, attention_mask)[0]
+        return self.model.embeddings(input_ids, attention_mask, gating_index)
 
 
 def load_backbone(backbone_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -129,6 +159,17 @@ def build_reward_model(backbone: nn.Module, heads: RewardHeads, kind: Kind) -> R
     return cls(backbone, heads).eval()
 
 
+def build_embedder(backbone: nn.Module, kind: Kind) -> Embedder:
+    """The backbone and pooling of a reward model, without heads."""
+    from models.heads import HeadsConfig
+    from models.objectives import Objective
+
+    cfg = HeadsConfig(
+        objectives=[Objective(name="stub")], hidden_size=backbone.config.hidden_size, kind="fixed"
+    )
+    return Embedder(build_reward_model(backbone, RewardHeads(cfg), kind)).eval()
+
+
 def _torch_inputs(
     model: RewardModel, batch: Sequence[Encoded], pad_id: int, padding_side: str, names: list[str]
 ):
@@ -141,9 +182,9 @@ def _torch_inputs(
 def score_torch(
     model: RewardModel, batch: Sequence[Encoded], *, pad_id: int, padding_side: str = "right"
 ) -> dict[str, np.ndarray]:
-    """Run the PyTorch model on one batch of encoded items; returns rewards, gating and score as numpy."""
+    """Run the PyTorch model on one batch of encoded items; returns rewards, gating, score (and uncertainty)."""
     outputs = model(*_torch_inputs(model, batch, pad_id, padding_side, model.input_names()))
-    return {n: t.float().cpu().numpy() for n, t in zip(OUTPUTS, outputs, strict=True)}
+    return {n: t.float().cpu().numpy() for n, t in zip(model.output_names(), outputs, strict=True)}
 
 
 @torch.inference_mode()

@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 from models.artifact import HEADS_FILE, load_manifest
 from models.heads import load_heads
 from models.inputs import Item, collate
-from models.scorer import OUTPUTS, Scorer
+from models.scorer import Scorer
 from models.torch_model import build_reward_model, load_backbone, score_torch
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def torch_model(backbone_dir, artifact):
 def alone_reference(model, encoded, pad_id):
     """PyTorch, one item at a time: no padding at all."""
     rows = [score_torch(model, [e], pad_id=pad_id) for e in encoded]
-    return {k: np.concatenate([r[k] for r in rows]) for k in OUTPUTS}
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -44,8 +44,8 @@ def test_fp32_onnx_matches_pytorch_on_padded_mixed_length_batches(
     sides = ["right"] if family == "minilm" else ["left", "right"]
     for side in sides:
         arrays = collate(encoded, kind=scorer.builder.kind, pad_id=scorer.builder.pad_id, padding_side=side)
-        got = scorer.session.run(OUTPUTS, {n: arrays[n] for n in scorer.input_names})
-        for name, g in zip(OUTPUTS, got, strict=True):
+        got = scorer.session.run(scorer.output_names, {n: arrays[n] for n in scorer.input_names})
+        for name, g in zip(scorer.output_names, got, strict=True):
             diff = np.abs(g - want[name]).max()
             assert diff <= 1e-4, f"{family} {side}-padded {name}: max abs diff {diff:.3g}"
         # The PyTorch model itself is padding-invariant too (position ids from the mask).

@@ -1,81 +1,157 @@
-"""`polyreward train ...` commands (registered through the `polyreward.commands` entry point)."""
+"""`polyreward train ...` and `polyreward eval` (registered through the `polyreward.commands` entry point)."""
 
 from __future__ import annotations
 
-import math
+import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
-from models.inputs import InvalidItem, Item, read_items_jsonl
+app = typer.Typer(
+    help="Train multi-objective reward heads from a YAML config (see configs/default.yaml).",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
 
-app = typer.Typer(help="Train reward heads on your rating and preference data.", no_args_is_help=True)
-
-
-def read_ratings_jsonl(path: Path, objectives: list[str] | None) -> tuple[list[Item], np.ndarray, list[str]]:
-    """Items with `"ratings": {objective: number | null}`; returns (items, labels [N, K] with NaN, names)."""
-    items, extras, lines = read_items_jsonl(path)
-    rows = []
-    for extra, line in zip(extras, lines, strict=True):
-        ratings = extra.get("ratings")
-        if not isinstance(ratings, dict):
-            raise InvalidItem(f"{path}:{line}: ratings: expected an object of objective -> number")
-        for name, value in ratings.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise InvalidItem(f"{path}:{line}: ratings.{name}: expected a number or null, got {value!r}")
-        rows.append(ratings)
-    names = objectives or sorted({name for r in rows for name in r})
-    if not names:
-        raise InvalidItem(f"{path}: no ratings found")
-    labels = np.array([[_num(r.get(n)) for n in names] for r in rows], np.float64)
-    for name, count in zip(names, (~np.isnan(labels)).sum(0), strict=True):
-        if count < 2:
-            raise InvalidItem(
-                f"{path}: objective {name!r} has {count} ratings; at least 2 are needed to fit it"
-            )
-    return items, labels, names
+Config = Annotated[Path, typer.Option(help="training config (YAML): datasets, backbone, stage settings")]
+Out = Annotated[
+    Path | None, typer.Option(help="work directory for caches, heads and the artifact [default: from config]")
+]
+Quiet = Annotated[bool, typer.Option(help="no progress bars")]
 
 
-def _num(v) -> float:
-    return math.nan if v is None else float(v)
+def _run(config: Path, out: Path | None, quiet: bool = False):
+    from training.config import load_config
+    from training.pipeline import Run
+
+    return Run(load_config(config, out=str(out) if out else None), progress=not quiet and sys.stderr.isatty())
+
+
+def _echo(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=float), err=True)
+
+
+@app.callback()
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="run the whole pipeline with this config")] = None,
+    out: Out = None,
+    quiet: Quiet = False,
+) -> None:
+    """Without a sub-command: featurize → objectives → gating → export → eval for --config.
+
+    The artifact lands in OUT/artifact with report.json and plots; OUT/stage1.json and OUT/stage2.json hold
+    the per-stage metrics, including the held-out comparison with the baselines.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
+    run = _run(config, out, quiet)
+    run.featurize()
+    run.stage1()
+    run.stage2()
+    artifact = run.export()
+    report = run.evaluate()
+    typer.echo(
+        f"wrote {artifact} (held-out pair accuracy {report['accuracy']:.3f}, n={report['n']})", err=True
+    )
 
 
 @app.command()
-def objectives(
-    data: Annotated[Path, typer.Option(help='JSONL: item fields plus "ratings": {objective: value}')],
-    out: Annotated[Path, typer.Option(help="heads file to write (.safetensors)")],
-    backbone: Annotated[
-        Path | None, typer.Option(help="Hugging Face model directory [default: bundled all-MiniLM-L6-v2]")
-    ] = None,
-    objective: Annotated[
-        list[str] | None, typer.Option(help="objective to fit (repeatable) [default: every key in ratings]")
-    ] = None,
-    alpha: Annotated[float, typer.Option(help="ridge regularization strength")] = 1.0,
-) -> None:
-    """Stage 1: fit one linear reward head per objective by ridge regression on absolute ratings.
+def featurize(config: Config, out: Out = None, quiet: Quiet = False) -> None:
+    """Embed every distinct conversation once (cached; a killed run resumes where it stopped)."""
+    run = _run(config, out, quiet)
+    _echo({"cache": str(run.cache.dir), **run.featurize()})
 
-    Missing ratings are allowed (each objective uses the rows that have it). The heads combine objectives
-    with fixed equal weights; export them with `polyreward export --heads OUT`.
+
+@app.command()
+def objectives(config: Config, out: Out = None, quiet: Quiet = False) -> None:
+    """Stage 1: ridge heads for rated objectives, Bradley–Terry heads for objectives labelled only by pairs,
+    a verbosity head; regularization chosen per objective on a validation split. Writes OUT/stage1.safetensors.
     """
-    from models.cli import default_backbone
-    from models.heads import save_heads
-    from models.objectives import Objective
-    from training.stage1 import fit_objectives
+    _echo(_run(config, out, quiet).stage1())
 
-    items, labels, names = read_ratings_jsonl(data, objective)
-    heads, fitted = fit_objectives(
-        backbone or default_backbone(),
-        items,
-        labels,
-        [Objective(name=n, source=f"{data.name}:ratings.{n}") for n in names],
-        alpha=alpha,
+
+@app.command()
+def gating(config: Config, out: Out = None, quiet: Quiet = False) -> None:
+    """Stage 2: verbosity debiasing transform, then the gating network (Bradley–Terry on pairs, early stopping).
+
+    Needs stage 1 in OUT. Writes OUT/heads.safetensors and OUT/stage2.json with held-out baselines.
+    """
+    _echo(_run(config, out, quiet).stage2())
+
+
+@app.command()
+def finetune(
+    config: Config,
+    out: Out = None,
+    lora: Annotated[
+        bool | None, typer.Option("--lora/--full", help="LoRA adapters or the full backbone")
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train the backbone end to end with K heads (masked MSE on ratings + Bradley–Terry on labelled pairs),
+    then export through the same path as the frozen pipeline. Writes OUT/finetune/{backbone,heads,artifact}.
+    """
+    from models.export import export_artifact
+    from training.finetune import finetune as run_finetune
+
+    run = _run(config, out, quiet)
+    cfg = run.cfg.finetune if lora is None else run.cfg.finetune.model_copy(update={"lora": lora})
+    backbone, heads, metrics = run_finetune(
+        run.backbone,
+        run.examples,
+        run.objectives_for_finetune(),
+        run.out / "finetune",
+        cfg,
+        progress=run.progress,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_heads(heads, out)
-    for k, name in enumerate(names):
-        rows = ~np.isnan(labels[:, k])
-        r = np.corrcoef(fitted[rows, k], labels[rows, k])[0, 1]
-        typer.echo(f"{name}: {int(rows.sum())} labels, training-set Pearson r = {r:.3f}", err=True)
-    typer.echo(f"wrote {out}", err=True)
+    export_artifact(
+        backbone, heads, run.out / "finetune" / "artifact", run.cfg.export.precisions,
+        name=f"{run.cfg.export.name}-finetuned", overwrite=True, metrics={"finetune": metrics},
+    )  # fmt: skip
+    _echo(metrics)
+
+
+def evaluate_command(
+    artifact: Annotated[Path, typer.Argument(help="artifact directory")],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            help="canonical pairs / ratings / best-of-N JSONL, or a training config (its held-out splits); repeatable"
+        ),
+    ],
+    precision: Annotated[str, typer.Option(help="fp32|int8|fp16")] = "fp32",
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
+) -> None:
+    """Evaluate an artifact with its ONNX graph; writes report.json and PNG plots next to it.
+
+    Reports pairwise accuracy overall and per subset, per-objective Pearson/Spearman/MSE on rated responses,
+    best-of-N accuracy, calibration (ECE of P(chosen ≻ rejected)), length bias and gating weights by subset.
+    """
+    from training.data import read_canonical
+    from training.evaluate import evaluate
+    from training.examples import Examples
+
+    examples, scales = Examples(), {}
+    for path in data:
+        if path.suffix in (".yaml", ".yml"):
+            from training.config import load_config
+            from training.pipeline import Run
+
+            run = Run(load_config(path), progress=False)
+            examples.extend(run.examples.where("test"))
+            scales.update(run.scales())
+        else:
+            examples.extend(read_canonical(path))
+    report = evaluate(artifact, examples, precision=precision, scales=scales, progress=sys.stderr.isatty())
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        typer.echo(
+            f"pairwise accuracy {report['accuracy']} on {report['n']} pairs; report: {artifact / 'report.json'}"
+        )

@@ -1,45 +1,182 @@
-"""Stage 1: per-objective linear reward heads fitted by ridge regression on backbone embeddings."""
+"""Stage 1: one linear reward head per objective, fitted in closed form on frozen embeddings.
+
+* Rated objectives: ridge regression on the rows that have a label (NaN = missing), the regularization
+  chosen per objective on a validation split from a grid scaled to the data's mean eigenvalue.
+* Objectives that only exist as labelled preference pairs (rmb's helpfulness / harmlessness goals, HH):
+  a Bradley–Terry linear head, i.e. L2-regularized logistic regression on embedding differences (Newton).
+* Verbosity: ridge regression onto log(1 + words in the response), the axis stage 2 debiases against.
+
+Each fit also returns its posterior in low-rank form so the graph can output a predictive standard deviation
+per objective (see `models.heads`): ridge `var = s2 (1 + z'A^-1 z)` with `A = Xc'Xc + alpha I`; Bradley–Terry
+the Laplace approximation `var = z'A^-1 z` with `A = D' diag(p(1-p)) D + lambda I`.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
+from scipy.stats import spearmanr
 
-from models.export import input_policy
-from models.heads import HeadsConfig, RewardHeads
-from models.inputs import InputBuilder, Item
-from models.objectives import Objective
-from models.torch_model import build_reward_model, detect_kind, load_backbone
-from training.featurize import featurize
-from training.ridge import fit_ridge
+# Regularization grid, as multiples of the mean eigenvalue of the (centered) Gram matrix.
+ALPHA_GRID = tuple(float(a) for a in np.logspace(-4, 1, 11))
 
 
-def fit_objectives(
-    backbone_dir: str | os.PathLike,
-    items: Sequence[Item],
-    labels: np.ndarray,
-    objectives: Sequence[Objective],
+@dataclass
+class ObjectiveFit:
+    """A fitted linear head `reward = w . x + b` with its posterior factors."""
+
+    weight: np.ndarray  # [D]
+    bias: float
+    mean: np.ndarray  # [D] center of the training embeddings
+    basis: np.ndarray  # [r, D] eigenvectors scaled by sqrt(s / (s + alpha))
+    alpha: float  # absolute regularization (prior precision)
+    noise: float  # label noise variance (ridge) or 0 (Bradley–Terry)
+    scale: float  # multiplier of z'A^-1 z: the noise variance (ridge) or 1 (Bradley–Terry)
+    metrics: dict = field(default_factory=dict)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight + self.bias
+
+
+def _posterior_basis(gram: np.ndarray, alpha: float, rank: int) -> np.ndarray:
+    s, v = np.linalg.eigh(gram)
+    top = np.argsort(s)[::-1][:rank]
+    s, v = np.clip(s[top], 0, None), v[:, top]
+    return (v * np.sqrt(s / (s + alpha))).T
+
+
+def fit_ridge_cv(
+    x: np.ndarray,
+    y: np.ndarray,
+    val: np.ndarray,
     *,
-    alpha: float = 1.0,
-    progress: bool = True,
-) -> tuple[RewardHeads, np.ndarray]:
-    """Featurize `items`, fit one ridge head per objective (NaN labels skipped).
+    rank: int = 64,
+    grid: Sequence[float] = ALPHA_GRID,
+) -> ObjectiveFit:
+    """Ridge on rows with a label; alpha picked by validation MSE, then refit on all labelled rows."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    rows = ~np.isnan(y)
+    train, held = rows & ~val, rows & val
+    if train.sum() < 2:
+        raise ValueError(f"needs at least 2 labelled training rows, has {int(train.sum())}")
+    mu = x[train].mean(0)
+    xc = x[train] - mu
+    s, v = np.linalg.eigh(xc.T @ xc)
+    proj = v.T @ (xc.T @ (y[train] - y[train].mean()))
+    unit = max(float(s.mean()), 1e-12)
+    best = (np.inf, grid[0] * unit)
+    if held.sum() >= 2:
+        for c in grid:
+            w = v @ (proj / (s + c * unit))
+            pred = (x[held] - mu) @ w + y[train].mean()
+            best = min(best, (float(np.mean((pred - y[held]) ** 2)), c * unit))
+    else:
+        best = (np.nan, 1.0 * unit)
+    alpha = best[1]
+    mu = x[rows].mean(0)
+    xc = x[rows] - mu
+    gram = xc.T @ xc
+    w = np.linalg.solve(gram + alpha * np.eye(len(mu)), xc.T @ (y[rows] - y[rows].mean()))
+    b = float(y[rows].mean() - mu @ w)
+    resid = xc @ w + y[rows].mean() - y[rows]
+    noise = float(np.mean(resid**2))
+    metrics = {"n": int(rows.sum()), "n_val": int(held.sum()), "alpha": alpha, "val_mse": best[0]}
+    if held.sum() >= 3:
+        # Validation metrics are from the model fitted without those rows (refit on train only).
+        w_t = v @ (proj / (s + alpha))
+        pred = (x[held] - x[train].mean(0)) @ w_t + y[train].mean()
+        metrics["val_spearman"] = float(spearmanr(pred, y[held]).statistic)
+    return ObjectiveFit(
+        weight=w, bias=b, mean=mu, basis=_posterior_basis(gram, alpha, rank),
+        alpha=alpha, noise=noise, scale=noise, metrics=metrics,
+    )  # fmt: skip
 
-    Returns fixed-weights heads (equal weights) and the in-sample predictions [N, K].
+
+def _logistic_newton(d: np.ndarray, weight: np.ndarray, lam: float, iters: int = 30) -> np.ndarray:
+    """argmin_w sum_i weight_i log(1 + exp(-d_i . w)) + lam/2 |w|^2 (no intercept: a pair has no side)."""
+    w = np.zeros(d.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(d @ w)))
+        grad = d.T @ (weight * (p - 1)) + lam * w
+        hess = (d * (weight * p * (1 - p))[:, None]).T @ d + lam * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-7:
+            break
+    return w
+
+
+def _log_loss(d: np.ndarray, w: np.ndarray) -> float:
+    return float(np.mean(np.logaddexp(0, -(d @ w))))
+
+
+def fit_bradley_terry(
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    val: np.ndarray,
+    *,
+    rank: int = 64,
+    grid: Sequence[float] = ALPHA_GRID,
+    weight: np.ndarray | None = None,
+) -> ObjectiveFit:
+    """Linear Bradley–Terry head on pairs: P(chosen ≻ rejected) = sigmoid(w . (x_c - x_r)).
+
+    lambda is picked by validation log-loss, then the head is refit on all pairs. The bias centers the
+    reward on the pairs' responses (Bradley–Terry only fixes differences).
     """
-    config, backbone, tokenizer = load_backbone(backbone_dir)
-    kind = detect_kind(config)
+    xc, xr = np.asarray(chosen, np.float64), np.asarray(rejected, np.float64)
+    d = xc - xr
+    weight = np.ones(len(d)) if weight is None else np.asarray(weight, np.float64)
+    train = ~val
+    if train.sum() < 2:
+        raise ValueError(f"needs at least 2 training pairs, has {int(train.sum())}")
+    unit = max(float(np.trace(d[train].T @ d[train])) / d.shape[1], 1e-12)
+    best = (np.inf, 1e-2 * unit)
+    if val.sum() >= 2:
+        for c in grid:
+            w = _logistic_newton(d[train], weight[train], c * unit)
+            best = min(best, (_log_loss(d[val], w), c * unit))
+    lam = best[1]
+    metrics: dict = {"n": len(d), "n_val": int(val.sum()), "alpha": lam, "val_log_loss": best[0]}
+    if val.sum() >= 2:
+        w_t = _logistic_newton(d[train], weight[train], lam)
+        metrics["val_accuracy"] = float(np.mean(d[val] @ w_t > 0))
+    w = _logistic_newton(d, weight, lam)
+    p = 1 / (1 + np.exp(-(d @ w)))
+    gram = (d * (weight * p * (1 - p))[:, None]).T @ d
+    mu = np.concatenate([xc, xr]).mean(0)
+    return ObjectiveFit(
+        weight=w, bias=float(-mu @ w), mean=mu, basis=_posterior_basis(gram, lam, rank),
+        alpha=lam, noise=0.0, scale=1.0, metrics=metrics,
+    )  # fmt: skip
+
+
+def verbosity_target(responses: Sequence[str]) -> np.ndarray:
+    """log(1 + words): what the verbosity objective regresses onto."""
+    return np.log1p(np.array([len(r.split()) for r in responses], np.float64))
+
+
+def heads_from_fits(objectives, fits: Sequence[ObjectiveFit], hidden: int, rank: int):
+    """Fixed-weights `RewardHeads` carrying the fitted regression layer and uncertainty factors."""
+    import torch
+
+    from models.heads import HeadsConfig, RewardHeads
+
+    rank = min(rank, *(len(f.basis) for f in fits))
     heads = RewardHeads(
-        HeadsConfig(objectives=list(objectives), hidden_size=config.hidden_size, kind="fixed")
+        HeadsConfig(objectives=list(objectives), hidden_size=hidden, kind="fixed", uncertainty_rank=rank)
     )
-    model = build_reward_model(backbone, heads, kind)
-    policy = input_policy(config, tokenizer, kind)
-    reward_emb, _ = featurize(model, InputBuilder(tokenizer, kind, policy), items, progress=progress)
-    weights, bias = fit_ridge(reward_emb, labels, alpha)
-    with torch.no_grad():
-        heads.regression.weight.copy_(torch.from_numpy(weights))
-        heads.regression.bias.copy_(torch.from_numpy(bias))
-    return heads.eval(), reward_emb @ weights.T + bias
+    stack = lambda xs: torch.tensor(np.stack(xs), dtype=torch.float32)  # noqa: E731
+    state = {
+        "regression.weight": stack([f.weight for f in fits]),
+        "regression.bias": stack([f.bias for f in fits]),
+        "uncertainty_mean": stack([f.mean for f in fits]),
+        "uncertainty_basis": stack([f.basis[:rank] for f in fits]),
+        "uncertainty_inv_alpha": stack([1 / f.alpha for f in fits]),
+        "uncertainty_noise": stack([f.noise for f in fits]),
+        "uncertainty_scale": stack([f.scale for f in fits]),
+    }
+    heads.load_state_dict({**heads.state_dict(), **state})
+    return heads.eval()

@@ -1,0 +1,196 @@
+"""The training pipeline through the real CLI: config errors, resumable featurization, the small recipe, eval."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from test_cli import POLYREWARD, polyreward
+
+from models.inputs import Item
+from models.scorer import Scorer
+
+pytestmark = pytest.mark.slow
+
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "reward",
+    "answer",
+    "helpful",
+    "careful",
+    "clear",
+    "short",
+    "long",
+    "detail",
+    "example",
+    "reason",
+    "because",
+]
+
+
+def synthetic_config(root: Path, n: int = 1200, **featurize) -> Path:
+    """A ratings dataset of varied-length texts and a config embedding it with small shards."""
+    rng = np.random.default_rng(1)
+    with open(root / "ratings.jsonl", "w") as f:
+        for i in range(n):
+            words = rng.choice(WORDS, size=int(rng.integers(3, 60)))
+            row = {
+                "uid": f"r{i}",
+                "question": f"Question {i % 97}: explain item {i % 13}?",
+                "answer": " ".join(words),
+                "scores": {"quality": float(rng.integers(1, 6))},
+            }
+            f.write(json.dumps(row) + "\n")
+    opts = {"max_length": 64, "max_items": 32, "shard_items": 128, **featurize}
+    (root / "train.yaml").write_text(
+        "featurize: " + json.dumps(opts) + "\n"
+        "datasets:\n"
+        "  - {name: synth, path: ratings.jsonl, kind: ratings, id: uid, prompt: question, response: answer,"
+        " ratings: scores}\n"
+    )
+    return root / "train.yaml"
+
+
+def test_wrong_field_name_fails_before_any_compute(tmp_path):
+    config = synthetic_config(tmp_path, n=20)
+    config.write_text(config.read_text().replace("response: answer", "response: anser"))
+    proc = polyreward("train", "--config", config, "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 2
+    assert "anser" in proc.stderr and "ratings.jsonl:1" in proc.stderr and "response" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "features").exists()  # nothing was embedded
+
+
+def test_misspelt_option_is_named(tmp_path):
+    config = synthetic_config(tmp_path, n=20)
+    config.write_text(config.read_text() + "stage2: {tresholds: 0.1}\n")
+    proc = polyreward("train", "objectives", "--config", config, check=False)
+    assert proc.returncode == 2 and "stage2.tresholds" in proc.stderr
+
+
+def _cached_embeddings(config: Path, out: Path) -> np.ndarray:
+    from training.config import load_config
+    from training.pipeline import Run
+
+    run = Run(load_config(config, out=str(out)), progress=False)
+    feats = run.features  # everything is cached: nothing is computed here
+    return np.concatenate([feats.reward, feats.gating], 1)
+
+
+def test_killed_featurization_resumes_to_identical_embeddings(tmp_path):
+    config = synthetic_config(tmp_path)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [POLYREWARD, "train", "featurize", "--config", config, "--out", killed, "--quiet"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while len(list(killed.glob("features/*/shard-*.safetensors"))) < 3:
+        assert proc.poll() is None, f"featurization ended before it could be killed: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no shard written in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    shards_at_kill = len(list(killed.glob("features/*/shard-*.safetensors")))
+    resumed = polyreward("train", "featurize", "--config", config, "--out", killed, "--quiet")
+    cached = int(resumed.stderr.split(" cached, ")[0].rsplit("; ", 1)[1])
+    assert cached >= shards_at_kill * 128  # the rerun reused what the killed run committed
+    polyreward("train", "featurize", "--config", config, "--out", clean, "--quiet")
+    a, b = _cached_embeddings(config, killed), _cached_embeddings(config, clean)
+    assert a.shape == b.shape and a.shape[0] == 1200
+    assert np.array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, data_dir):
+    """configs/small.yaml, the recipe the tests use, run end to end through the CLI on the real data."""
+    out = tmp_path_factory.mktemp("small")
+    env = {"POLYREWARD_DATA": str(data_dir)}
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [POLYREWARD, "train", "--config", REPO / "configs/small.yaml", "--out", out, "--quiet"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return out, time.perf_counter() - t
+
+
+def test_small_recipe_trains_exports_and_reports(small_run):
+    out, seconds = small_run
+    assert seconds < 120, f"the small recipe took {seconds:.0f}s (budget: 2 minutes)"
+    report = json.loads((out / "artifact/report.json").read_text())
+    stage1 = json.loads((out / "stage1.json").read_text())
+    rated = [name for name, r in stage1.items() if r["kind"] == "ridge"]
+    assert rated and set(rated) <= set(report["ratings"])
+    for name in rated:  # every rated objective has a held-out Spearman
+        assert -1 <= report["ratings"][name]["spearman"] <= 1
+    assert stage1["harmlessness"]["kind"] == "bradley-terry"
+    assert 0 <= report["accuracy"] <= 1 and report["n"] > 50
+    assert {"hh_harmless", "ultrafeedback"} <= set(report["subsets"])
+    held_out = report["baselines_from_embeddings"]
+    # The embeddings-based gated accuracy and the ONNX eval agree (same pairs, same model).
+    assert abs(held_out["gated"]["accuracy"] - report["accuracy"]) < 0.02
+    assert {"uniform_average", "linear_probe"} <= set(held_out)
+    for png in ("objective_correlation.png", "gating_by_subset.png", "calibration.png"):
+        assert (out / "artifact" / png).stat().st_size > 1000
+
+
+def test_uncertainty_is_higher_out_of_distribution(small_run, data_dir):
+    out, _ = small_run
+    scorer = Scorer(out / "artifact", precision="fp32", device="cpu")
+    assert "uncertainty" in scorer.output_names
+    with gzip.open(data_dir / "ultrafeedback_binarized_subset/test.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]
+    rng = np.random.default_rng(0)
+    held_out, shuffled = [], []
+    for row in rows[:60]:
+        held_out.append(Item(prompt=row["prompt"], response=row["chosen"]))
+        ids = scorer.builder.tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
+        scrambled = scorer.builder.tokenizer.decode(rng.permutation(ids))
+        shuffled.append(Item(prompt=row["prompt"], response=scrambled))
+    unc_in = np.array([r.uncertainty for r in scorer.score(held_out)])
+    unc_out = np.array([r.uncertainty for r in scorer.score(shuffled)])
+    assert unc_out.mean() > unc_in.mean()
+    # ...for most objectives individually, not just on average.
+    assert (unc_out.mean(0) > unc_in.mean(0)).mean() >= 0.5
+
+
+def test_eval_command_on_a_canonical_pairs_file(small_run, data_dir, tmp_path):
+    out, _ = small_run
+    pairs = tmp_path / "pairs.jsonl"
+    with (
+        gzip.open(data_dir / "ultrafeedback_binarized_subset/test.jsonl.gz", "rt") as f,
+        open(pairs, "w") as g,
+    ):
+        for i, line in enumerate(f):
+            if i == 40:
+                break
+            row = json.loads(line)
+            subset = "odd" if i % 2 else "even"
+            g.write(
+                json.dumps(
+                    {
+                        "prompt": row["prompt"],
+                        "chosen": row["chosen"],
+                        "rejected": row["rejected"],
+                        "subset": subset,
+                    }
+                )
+                + "\n"
+            )
+    proc = polyreward("eval", out / "artifact", "--data", pairs, "--json")
+    report = json.loads(proc.stdout)
+    assert report["n"] == 40 and 0 <= report["accuracy"] <= 1
+    assert {"pairs/even", "pairs/odd"} <= set(report["subsets"])
+    assert report["length_bias"]["n"] == 80

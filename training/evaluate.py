@@ -1,0 +1,223 @@
+"""Evaluate an exported artifact with its ONNX graph (not torch): the numbers users will get when serving it.
+
+Pairwise accuracy overall, per dataset and per subset; per-objective Pearson / Spearman / MSE on rated
+responses; best-of-N accuracy; calibration of P(chosen ≻ rejected) = sigmoid(score margin) as ECE; length
+bias (Spearman of score with response length); mean gating weights per subset; mean uncertainty. Writes
+`report.json` and PNG plots next to the artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+
+from models.scorer import Scorer, ScoreResult
+from training.examples import Examples
+
+log = logging.getLogger("polyreward.eval")
+
+ECE_BINS = 10
+
+
+def _subset(dataset: str, subset: str | None) -> str:
+    return f"{dataset}/{subset}" if subset else dataset
+
+
+def _ece(p: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
+    """Expected calibration error of probabilities `p` that the outcome is 1, and the reliability table."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            conf, acc = float(p[sel].mean()), float(correct[sel].mean())
+            ece += sel.mean() * abs(conf - acc)
+            table.append({"bin": b, "n": int(sel.sum()), "confidence": conf, "accuracy": acc})
+    return float(ece), table
+
+
+def _corr(f, a, b) -> float:
+    return float(f(a, b).statistic) if len(a) > 2 and np.std(a) > 0 and np.std(b) > 0 else math.nan
+
+
+def evaluate(
+    artifact: str | Path,
+    examples: Examples,
+    *,
+    precision: str = "fp32",
+    scales: dict[tuple[str, str], tuple[float, float]] | None = None,
+    baselines: dict | None = None,
+    progress: bool = True,
+    plots: bool = True,
+) -> dict:
+    """Score every example's responses with the artifact and compute the report (also written to disk)."""
+    artifact = Path(artifact)
+    scorer = Scorer(artifact, precision=precision, device="cpu")  # type: ignore[arg-type]
+    names = scorer.objectives
+    items = [e.item for e in examples.ratings]
+    items += [it for p in examples.pairs for it in p.items]
+    items += [it for b in examples.bon for it in b.items]
+    if not items:
+        raise ValueError("nothing to evaluate: no rated responses, pairs or best-of-N sets in the data")
+    results = scorer.score(items, progress=progress)
+    n_r, n_p = len(examples.ratings), 2 * len(examples.pairs)
+    rated, paired, bon = results[:n_r], results[n_r : n_r + n_p], results[n_r + n_p :]
+
+    report: dict = {
+        "artifact": str(artifact),
+        "model": scorer.manifest.name,
+        "precision": precision,
+        "objectives": names,
+    }
+    report.update(_pairs_report(examples, paired, names))
+    report["ratings"] = _ratings_report(examples, rated, names, scales or {})
+    report["bon"] = _bon_report(examples, bon)
+    responses = [it.as_messages()[-1].content for it in items]  # type: ignore[index]
+    lengths = np.array([len(r.split()) for r in responses])
+    report["length_bias"] = {
+        "spearman_score_vs_words": _corr(spearmanr, np.array([r.score for r in results]), lengths),
+        "n": len(results),
+    }
+    if results[0].uncertainty is not None:
+        unc = np.array([r.uncertainty for r in results])
+        report["uncertainty_mean"] = dict(zip(names, unc.mean(0).tolist(), strict=True))
+    if baselines:
+        report["baselines_from_embeddings"] = baselines
+    (artifact / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if plots:
+        _plots(artifact, report)
+    return report
+
+
+def _pairs_report(examples: Examples, paired: list[ScoreResult], names: list[str]) -> dict:
+    if not examples.pairs:
+        return {"accuracy": None, "subsets": {}, "n": 0}
+    chosen, rejected = paired[0::2], paired[1::2]
+    strict = np.array([not p.tie for p in examples.pairs])
+    margin = np.array([c.score - r.score for c, r in zip(chosen, rejected, strict=True)])
+    correct = margin > 0
+    groups: dict[str, list[int]] = defaultdict(list)
+    gates: dict[str, list[list[float]]] = defaultdict(list)
+    for i, p in enumerate(examples.pairs):
+        gates[p.dataset].append(chosen[i].gating)
+        if strict[i]:
+            groups[p.dataset].append(i)
+            if p.subset:
+                groups[_subset(p.dataset, p.subset)].append(i)
+    ece, table = _ece(1 / (1 + np.exp(-margin[strict])), correct[strict])
+    per_objective: dict[str, dict] = {}
+    for k, name in enumerate(names):
+        labelled = [i for i, p in enumerate(examples.pairs) if p.objective == name and strict[i]]
+        if labelled:
+            acc = np.mean([chosen[i].rewards[k] > rejected[i].rewards[k] for i in labelled])
+            per_objective[name] = {
+                "accuracy_own_reward": float(acc),
+                "accuracy_score": float(correct[labelled].mean()),
+                "n": len(labelled),
+            }
+    return {
+        "accuracy": float(correct[strict].mean()),
+        "subsets": {g: float(correct[idx].mean()) for g, idx in sorted(groups.items())},
+        "subset_sizes": {g: len(idx) for g, idx in sorted(groups.items())},
+        "n": int(strict.sum()),
+        "ties_skipped": int((~strict).sum()),
+        "pairs_by_objective": per_objective,
+        "calibration": {"ece": ece, "bins": table},
+        "gating_by_dataset": {
+            d: dict(zip(names, np.mean(g, 0).tolist(), strict=True)) for d, g in sorted(gates.items())
+        },
+    }
+
+
+def _ratings_report(examples: Examples, rated: list[ScoreResult], names: list[str], scales) -> dict:
+    out = {}
+    for k, name in enumerate(names):
+        labels, preds = [], []
+        for e, r in zip(examples.ratings, rated, strict=True):
+            y = e.rating(name)
+            if not math.isnan(y):
+                lo, hi = scales.get((e.dataset, name), (0.0, 1.0))
+                labels.append((y - lo) / (hi - lo))
+                preds.append(r.rewards[k])
+        if labels:
+            y, p = np.array(labels), np.array(preds)
+            out[name] = {
+                "n": len(y),
+                "pearson": _corr(pearsonr, p, y),
+                "spearman": _corr(spearmanr, p, y),
+                "mse": float(np.mean((p - y) ** 2)),
+            }
+    return out
+
+
+def _bon_report(examples: Examples, bon: list[ScoreResult]) -> dict:
+    if not examples.bon:
+        return {}
+    pos, wins, groups = 0, [], defaultdict(list)
+    for i, b in enumerate(examples.bon):
+        scores = [r.score for r in bon[pos : pos + 1 + len(b.losers)]]
+        pos += 1 + len(b.losers)
+        wins.append(all(scores[0] > s for s in scores[1:]))
+        groups[_subset(b.dataset, b.objective)].append(i)
+    w = np.array(wins)
+    return {
+        "accuracy": float(w.mean()),
+        "n": len(w),
+        "subsets": {g: float(w[idx].mean()) for g, idx in sorted(groups.items())},
+    }
+
+
+def _plots(artifact: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratings = report["ratings"]
+    if ratings:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        names = list(ratings)
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, [ratings[n]["pearson"] for n in names], 0.4, label="Pearson")
+        ax.bar(x + 0.2, [ratings[n]["spearman"] for n in names], 0.4, label="Spearman")
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylabel("held-out correlation")
+        ax.set_title("Per-objective correlation with held-out ratings")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(artifact / "objective_correlation.png", dpi=110)
+        plt.close(fig)
+    gates = report.get("gating_by_dataset") or {}
+    if gates:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        datasets = list(gates)
+        bottom = np.zeros(len(datasets))
+        for name in report["objectives"]:
+            vals = np.array([gates[d][name] for d in datasets])
+            ax.bar(datasets, vals, bottom=bottom, label=name)
+            bottom += vals
+        ax.set_ylabel("mean gating weight")
+        ax.set_title("Gating weights by dataset (held-out prompts)")
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+        ax.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        fig.savefig(artifact / "gating_by_subset.png", dpi=110)
+        plt.close(fig)
+    table = (report.get("calibration") or {}).get("bins") or []
+    if table:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot([0, 1], [0, 1], "--", color="grey")
+        ax.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], "o-")
+        ax.set_xlabel("P(chosen ≻ rejected) = sigmoid(margin)")
+        ax.set_ylabel("fraction correct")
+        ax.set_title(f"Calibration (ECE {report['calibration']['ece']:.3f})")
+        fig.tight_layout()
+        fig.savefig(artifact / "calibration.png", dpi=110)
+        plt.close(fig)

@@ -1,0 +1,364 @@
+"""The training pipeline: featurize → stage 1 → stage 2 → export → eval, each step usable on its own.
+
+A `Run` holds one configuration and its work directory. Steps read what earlier steps wrote there
+(`stage1.safetensors`, `heads.safetensors`, `artifact/`), and featurization is cached, so running
+`polyreward train gating` after `polyreward train objectives` embeds nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.heads import GatingConfig, HeadsConfig, RewardHeads, load_heads, save_heads
+from models.inputs import Item
+from models.manifest import CalibrationStat
+from models.objectives import Objective
+from training.config import TrainConfig
+from training.data import read_dataset, subsplit
+from training.examples import Examples, PairExample
+from training.featurize import FeatureCache
+from training.stage1 import (
+    ObjectiveFit,
+    fit_bradley_terry,
+    fit_ridge_cv,
+    heads_from_fits,
+    verbosity_target,
+)
+from training.stage2 import PairTensors, debias_transform, train_gating
+
+log = logging.getLogger("polyreward.train")
+
+STAGE1_FILE = "stage1.safetensors"
+HEADS_FILE = "heads.safetensors"
+ARTIFACT_DIR = "artifact"
+VERBOSITY = "verbosity"
+
+
+def _key(item: Item) -> str:
+    return item.model_dump_json()
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+class Run:
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True):
+        from models.cli import default_backbone
+
+        self.cfg = cfg
+        self.progress = progress
+        self.out = cfg.out_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.backbone = cfg.resolve(cfg.backbone) if cfg.backbone else default_backbone()
+        self._rows: dict[str, int] = {}
+
+    # -- data and embeddings -------------------------------------------------------------------------
+
+    @cached_property
+    def examples(self) -> Examples:
+        """Every configured dataset, read and validated in full before anything is computed."""
+        examples = Examples()
+        for i, spec in enumerate(self.cfg.datasets):
+            where = f"{self.cfg.source} datasets[{i}] ({spec.name})"
+            examples.extend(read_dataset(spec, self.cfg.base_dir, where=where))
+        return examples
+
+    @cached_property
+    def cache(self) -> FeatureCache:
+        f = self.cfg.featurize
+        root = self.cfg.resolve(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "features"
+        return FeatureCache(root, self.backbone, engine=f.engine, device=f.device, max_length=f.max_length)
+
+    def all_items(self) -> list[Item]:
+        ex = self.examples
+        items = [e.item for e in ex.ratings]
+        items += [it for p in ex.pairs for it in p.items]
+        items += [it for b in ex.bon for it in b.items]
+        return items
+
+    @cached_property
+    def features(self):
+        """Embeddings of every distinct conversation in every split (held-out ones feed the baselines)."""
+        for it in self.all_items():
+            self._rows.setdefault(_key(it), len(self._rows))
+        distinct = [Item.model_validate_json(k) for k in self._rows]
+        f = self.cfg.featurize
+        return self.cache.featurize(
+            distinct, token_budget=f.token_budget, max_items=f.max_items, shard_items=f.shard_items,
+            progress=self.progress,
+        )  # fmt: skip
+
+    def embed(self, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray]:
+        feats = self.features
+        rows = [self._rows[_key(it)] for it in items]
+        return feats.reward[rows], feats.gating[rows]
+
+    def featurize(self) -> dict:
+        t = time.perf_counter()
+        n = len(self.features.reward)
+        return {"distinct_items": n, "seconds": round(time.perf_counter() - t, 1)}
+
+    # -- stage 1 -------------------------------------------------------------------------------------
+
+    def scales(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """(dataset, objective) -> the label scale its spec declares; labels are mapped onto [0, 1] with it."""
+        specs = {s.name: s for s in self.cfg.datasets}
+        used = {(e.dataset, n) for e in self.examples.ratings for n in e.ratings}
+        out = {}
+        for dataset, name in sorted(used):
+            scale = specs[dataset].scale_of(name) if dataset in specs else None
+            if scale is not None:
+                out[(dataset, name)] = (float(scale[0]), float(scale[1]))
+        return out
+
+    def rating_objectives(self) -> list[str]:
+        """Objectives with absolute ratings in the training split, in the order the datasets give them."""
+        return list(dict.fromkeys(n for e in self.examples.ratings if e.split == "train" for n in e.ratings))
+
+    def objectives_for_finetune(self) -> list[Objective]:
+        """Rated objectives (with their first dataset's label scale) and pair-labelled ones, for fine-tuning."""
+        scales = self.scales()
+        rated = self.rating_objectives()
+        first = {name: scale for (_, name), scale in reversed(scales.items())}
+        return [Objective(name=n, scale=first.get(n)) for n in rated] + [
+            Objective(name=n) for n in self.pair_objectives(rated)
+        ]
+
+    def pair_objectives(self, rated: list[str]) -> list[str]:
+        labels = dict.fromkeys(p.objective for p in self.examples.pairs if p.split == "train" and p.objective)
+        return [name for name in labels if name not in rated]
+
+    def reference_responses(self) -> tuple[list[Item], list[str]]:
+        """Every distinct training response (rated ones and both sides of pairs): verbosity and debiasing use it."""
+        train = self.examples.where("train")
+        seen: dict[str, tuple[Item, str]] = {}
+        for e in train.ratings:
+            seen.setdefault(_key(e.item), (e.item, e.response))
+        for p in train.pairs:
+            for item, text in zip(p.items, (p.chosen, p.rejected), strict=True):
+                seen.setdefault(_key(item), (item, text))
+        items = [v[0] for v in seen.values()]
+        return items, [v[1] for v in seen.values()]
+
+    def stage1(self) -> dict:
+        """Fit one head per objective; writes stage1.safetensors and stage1.json."""
+        s1 = self.cfg.stage1
+        train = self.examples.where("train")
+        rated = self.rating_objectives()
+        paired = self.pair_objectives(rated)
+        scales = self.scales()
+        objectives: list[Objective] = []
+        fits: list[ObjectiveFit] = []
+        report: dict[str, dict] = {}
+        descr = self.cfg.descriptions
+
+        if rated:
+            x, _ = self.embed([e.item for e in train.ratings])
+            val = np.array([subsplit(e.id, s1.validation, "stage1") for e in train.ratings])
+            for name in rated:
+                y = np.array([_scaled(e.rating(name), scales.get((e.dataset, name))) for e in train.ratings])
+                sources = sorted(
+                    {e.dataset for e, v in zip(train.ratings, y, strict=True) if not math.isnan(v)}
+                )
+                fit = fit_ridge_cv(x, y, val, rank=s1.uncertainty_rank)
+                fits.append(fit)
+                objectives.append(
+                    Objective(
+                        name=name, description=descr.get(name, ""), source="ratings: " + ", ".join(sources),
+                        scale=(0.0, 1.0) if any((d, name) in scales for d in sources) else None,
+                    )
+                )  # fmt: skip
+                report[name] = {"kind": "ridge", **fit.metrics}
+        for name in paired:
+            pairs = [p for p in train.pairs if p.objective == name and not p.tie]
+            xc, xr, val = self._pair_arrays(pairs, s1.validation, "stage1")
+            fit = fit_bradley_terry(xc, xr, val, rank=s1.uncertainty_rank)
+            fits.append(fit)
+            sources = sorted({p.dataset for p in pairs})
+            objectives.append(
+                Objective(name=name, description=descr.get(name, ""), source="pairs: " + ", ".join(sources))
+            )
+            report[name] = {"kind": "bradley-terry", **fit.metrics}
+        if s1.verbosity and VERBOSITY not in rated + paired:
+            items, texts = self.reference_responses()
+            x, _ = self.embed(items)
+            val = np.array([subsplit(_key(it), s1.validation, "stage1") for it in items])
+            fit = fit_ridge_cv(x, verbosity_target(texts), val, rank=s1.uncertainty_rank)
+            fits.append(fit)
+            objectives.append(
+                Objective(
+                    name=VERBOSITY, description=descr.get(VERBOSITY, "response length: log(1 + words)"),
+                    source="log1p(words in the response)",
+                )
+            )  # fmt: skip
+            report[VERBOSITY] = {"kind": "ridge (length)", **fit.metrics}
+        if not fits:
+            raise ValueError(
+                f"{self.cfg.source}: no objective to fit (no ratings and no objective-labelled pairs)"
+            )
+        heads = heads_from_fits(objectives, fits, len(fits[0].weight), self.cfg.stage1.uncertainty_rank)
+        save_heads(heads, self.out / STAGE1_FILE)
+        _write_json(self.out / "stage1.json", report)
+        for name, r in report.items():
+            metric = r.get("val_spearman", r.get("val_accuracy", float("nan")))
+            log.info("%-28s %-15s n=%-6d validation %s=%.3f", name, r["kind"], r["n"],
+                     "spearman" if "val_spearman" in r else "accuracy", metric)  # fmt: skip
+        return report
+
+    def _pair_arrays(self, pairs: list[PairExample], fraction: float, salt: str):
+        xc, _ = self.embed([p.items[0] for p in pairs])
+        xr, _ = self.embed([p.items[1] for p in pairs])
+        val = np.array([subsplit(p.id, fraction, salt) for p in pairs], bool)
+        return xc, xr, val
+
+    # -- stage 2 -------------------------------------------------------------------------------------
+
+    def _rewards(self, heads: RewardHeads, x: np.ndarray) -> np.ndarray:
+        w = heads.regression.weight.detach().double().numpy()
+        b = heads.regression.bias.detach().double().numpy()
+        return x @ w.T + b
+
+    def _pair_tensors(self, heads, t: np.ndarray, pairs: list[PairExample], tie_weight: float) -> PairTensors:
+        xc, g = self.embed([p.items[0] for p in pairs])
+        xr, _ = self.embed([p.items[1] for p in pairs])
+        delta = (self._rewards(heads, xc) - self._rewards(heads, xr)) @ t
+        weight = np.array([tie_weight if p.tie else 1.0 for p in pairs])
+        return PairTensors(delta, g, weight)
+
+    def stage2(self) -> dict:
+        """Debiasing transform + gating network; writes heads.safetensors and stage2.json (with baselines)."""
+        cfg = self.cfg.stage2
+        stage1 = load_heads(self.out / STAGE1_FILE)
+        names = [o.name for o in stage1.cfg.objectives]
+        items, _ = self.reference_responses()
+        ref = self._rewards(stage1, self.embed(items)[0])
+        t, lambdas = debias_transform(
+            ref, names.index(VERBOSITY) if VERBOSITY in names else None, cfg.threshold
+        )
+
+        train_pairs = [
+            p for p in self.examples.pairs if p.split == "train" and (cfg.tie_weight > 0 or not p.tie)
+        ]
+        if len(train_pairs) < 10:
+            raise ValueError(f"{self.cfg.source}: stage 2 needs preference pairs; found {len(train_pairs)}")
+        val = np.array([subsplit(p.id, cfg.validation, "stage2") for p in train_pairs])
+        fit_pairs = [p for p, v in zip(train_pairs, val, strict=True) if not v]
+        val_pairs = [p for p, v in zip(train_pairs, val, strict=True) if v]
+        net, gating_report = train_gating(
+            self._pair_tensors(stage1, t, fit_pairs, cfg.tie_weight),
+            self._pair_tensors(stage1, t, val_pairs, cfg.tie_weight),
+            stage1.cfg.hidden_size, cfg, progress=self.progress,
+        )  # fmt: skip
+
+        heads = RewardHeads(
+            HeadsConfig(
+                objectives=stage1.cfg.objectives, hidden_size=stage1.cfg.hidden_size, kind="moe",
+                gating=GatingConfig(temperature=cfg.temperature, hidden_dim=cfg.hidden_dim, n_hidden=cfg.n_hidden),
+                uncertainty_rank=stage1.cfg.uncertainty_rank,
+            )
+        )  # fmt: skip
+        state = {k: v for k, v in stage1.state_dict().items() if k != "transform"}
+        state.update({f"gating.{k}": v for k, v in net.state_dict().items()})
+        state["transform"] = torch.tensor(t, dtype=torch.float32)
+        heads.load_state_dict({**heads.state_dict(), **state})
+        save_heads(heads, self.out / HEADS_FILE)
+
+        after = ref @ t
+        report = {
+            "debias": {
+                names[j]: {
+                    "lambda": lam,
+                    "spearman_before": _spearman(ref[:, j], ref[:, names.index(VERBOSITY)]),
+                    "spearman_after": _spearman(after[:, j], ref[:, names.index(VERBOSITY)]),
+                }
+                for j, lam in lambdas.items()
+            },
+            "gating": gating_report,
+            "calibration": {
+                n: {"mean": float(ref[:, k].mean()), "std": float(ref[:, k].std())}
+                for k, n in enumerate(names)
+            },
+            "held_out": self._held_out_comparison(stage1, t, net, fit_pairs, val),
+        }
+        _write_json(self.out / "stage2.json", report)
+        return report
+
+    def _held_out_comparison(self, stage1, t, net, fit_pairs, val) -> dict:
+        """Accuracy on held-out pairs: gated model vs (a) uniform average of its objectives, (b) a linear probe."""
+        test = [p for p in self.examples.pairs if p.split == "test" and not p.tie]
+        if not test:
+            return {}
+        train = [p for p in self.examples.pairs if p.split == "train" and not p.tie]
+        xc, xr, pval = self._pair_arrays(train, self.cfg.stage2.validation, "stage2")
+        probe = fit_bradley_terry(xc, xr, pval, rank=1)
+        tc, g = self.embed([p.items[0] for p in test])
+        tr, _ = self.embed([p.items[1] for p in test])
+        delta = (self._rewards(stage1, tc) - self._rewards(stage1, tr)) @ t
+        with torch.no_grad():
+            gates = net(torch.tensor(g, dtype=torch.float32)).double().numpy()
+        margins = {
+            "gated": (gates * delta).sum(-1),
+            "uniform_average": delta.mean(-1),
+            "linear_probe": (tc - tr) @ probe.weight,
+        }
+        datasets = sorted({p.dataset for p in test})
+        out = {}
+        for name, m in margins.items():
+            correct = m > 0
+            out[name] = {
+                "accuracy": float(correct.mean()),
+                "datasets": {d: float(correct[[p.dataset == d for p in test]].mean()) for d in datasets},
+            }
+        out["n"] = len(test)
+        return out
+
+    # -- export and eval -----------------------------------------------------------------------------
+
+    def export(self) -> Path:
+        from models.export import export_artifact
+
+        stage2 = json.loads((self.out / "stage2.json").read_text())
+        calibration = {n: CalibrationStat(**c) for n, c in stage2["calibration"].items()}
+        metrics = {
+            "stage1": json.loads((self.out / "stage1.json").read_text()),
+            "held_out": stage2.get("held_out", {}),
+        }
+        e = self.cfg.export
+        export_artifact(
+            self.backbone, self.out / HEADS_FILE, self.out / ARTIFACT_DIR, e.precisions,
+            name=e.name, version=e.version, max_length=self.cache.policy.max_length, overwrite=True,
+            calibration=calibration, metrics=metrics,
+            provenance={"training_config": self.cfg.source, "datasets": [d.name for d in self.cfg.datasets]},
+        )  # fmt: skip
+        return self.out / ARTIFACT_DIR
+
+    def evaluate(self) -> dict:
+        from training.evaluate import evaluate
+
+        return evaluate(
+            self.out / ARTIFACT_DIR, self.examples.where("test"), precision=self.cfg.eval.precision,
+            scales=self.scales(), progress=self.progress, baselines=json.loads((self.out / "stage2.json").read_text()).get("held_out"),
+        )  # fmt: skip
+
+
+def _scaled(value: float, scale: tuple[float, float] | None) -> float:
+    if scale is None or math.isnan(value):
+        return value
+    lo, hi = scale
+    return (value - lo) / (hi - lo)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
