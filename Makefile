@@ -12,13 +12,16 @@ $(BIN)/polyreward: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install demo train test
 install: $(BIN)/polyreward
 
 demo: $(BIN)/polyreward
-	$(BIN)/polyreward train objectives --data examples/ratings.jsonl --out build/demo/heads.safetensors
-	$(BIN)/polyreward export --heads build/demo/heads.safetensors --out build/demo/artifact --overwrite
+	$(BIN)/polyreward export --default --out build/demo/artifact --overwrite
 	$(BIN)/polyreward score build/demo/artifact --input examples/items.jsonl
+
+# Retrain the default model from ../shared/data (or $$POLYREWARD_DATA): about 20 minutes on 2 CPU cores.
+train: $(BIN)/polyreward
+	$(BIN)/polyreward train --config configs/default.yaml
 
 test: $(BIN)/polyreward
 	$(BIN)/ruff check .

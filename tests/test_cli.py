@@ -31,7 +31,9 @@ def polyreward(*args, check=True):
     return proc
 
 
-@pytest.mark.parametrize("command", [[], ["export"], ["check-parity"], ["score"], ["train", "objectives"]])
+@pytest.mark.parametrize(
+    "command", [[], ["export"], ["check-parity"], ["score"], ["eval"], ["train"], ["train", "objectives"]]
+)
 def test_help(command):
     out = polyreward(*command, "--help").stdout
     assert "Usage: polyreward" in out and "--help" in out
@@ -41,12 +43,17 @@ def test_help(command):
 def pipeline(tmp_path_factory, backbone_dirs):
     """Train heads on the example ratings with the tiny Llama, then export them through the CLI."""
     root = tmp_path_factory.mktemp("cli")
-    heads, artifact = root / "heads.safetensors", root / "artifact"
-    train = polyreward(
-        "train", "objectives", "--data", REPO / "examples/ratings.jsonl", "--out", heads,
-        "--backbone", backbone_dirs["llama"],
-    )  # fmt: skip
-    assert "helpfulness: 84 labels" in train.stderr
+    config, artifact = root / "train.yaml", root / "artifact"
+    config.write_text(
+        f"backbone: {backbone_dirs['llama']}\n"
+        "stage1: {verbosity: false}\n"
+        "datasets:\n"
+        f"  - {{name: examples, path: {REPO / 'examples/ratings.jsonl'}, kind: ratings, holdout: 0,"
+        " prompt: prompt, response: response, ratings: ratings}\n"
+    )
+    train = polyreward("train", "objectives", "--config", config, "--out", root, "--quiet")
+    assert json.loads(train.stdout)["helpfulness"]["n"] == 84
+    heads = root / "stage1.safetensors"
     polyreward(
         "export",
         "--heads",
@@ -109,3 +116,24 @@ def test_missing_artifact_and_overlong_error_mode(pipeline, tmp_path):
 
 def load_backbone_id(artifact):
     return json.loads((artifact / "manifest.json").read_text())["backbone"]["id"]
+
+
+def test_export_default_builds_the_shipped_model(tmp_path):
+    from models.cli import DEFAULT_MODEL
+
+    shipped = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
+    out = tmp_path / "default"
+    polyreward("export", "--default", "--out", out, "--precision", "fp32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["objectives"] == shipped["objectives"] and manifest["name"] == shipped["name"]
+    assert manifest["head"]["kind"] == "moe" and manifest["calibration"] == shipped["calibration"]
+    assert manifest["graphs"]["fp32"]["outputs"] == ["rewards", "gating", "score", "uncertainty"]
+    rows = [
+        json.loads(line)
+        for line in polyreward("score", out, "--input", REPO / "examples/items.jsonl").stdout.splitlines()
+    ]
+    assert [set(r["rewards"]) for r in rows] == [{o["name"] for o in shipped["objectives"]}] * len(rows)
+    proc = polyreward(
+        "export", "--default", "--heads", out / "heads.safetensors", "--out", tmp_path / "x", check=False
+    )
+    assert proc.returncode == 2 and "--heads" in proc.stderr

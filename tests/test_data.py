@@ -717,3 +717,15 @@ def test_real_datasets(data_dir, monkeypatch):
     prometheus = got["prometheus"].ratings
     assert all(1 <= e.rating("rubric_score") <= 5 for e in prometheus)
     assert any(e.rating("rubric_score") % 1 for e in prometheus)  # a mean of three samples
+
+
+def test_sample_keeps_a_stable_hashed_fraction(tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"id": f"x{i}", "q": f"q{i}", "good": "yes", "bad": "no"} for i in range(1000)],
+    )
+    spec = pairs_spec(path, id="id", sample=0.3)
+    first = [p.id for p in read_dataset(spec).pairs]
+    assert 250 <= len(first) <= 350
+    assert first == [p.id for p in read_dataset(spec).pairs]  # the same rows every time, not a random draw
+    assert set(first) < {p.id for p in read_dataset(pairs_spec(path, id="id", sample=0.6)).pairs}

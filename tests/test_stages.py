@@ -29,7 +29,7 @@ def test_ridge_recovers_a_linear_target_with_missing_labels_and_picks_alpha_on_v
     assert np.abs(noise.weight).max() < 0.1 * np.abs(fit.weight).max()
 
 
-def test_ridge_uncertainty_is_the_exact_posterior_predictive_std_at_full_rank():
+def test_ridge_uncertainty_is_the_exact_posterior_std_at_full_rank():
     x = rng.normal(size=(200, 8)) * np.arange(1, 9)
     y = x @ rng.normal(size=8) + rng.normal(size=200)
     fit = fit_ridge_cv(x, y, np.zeros(200, bool), rank=8)
@@ -39,7 +39,7 @@ def test_ridge_uncertainty_is_the_exact_posterior_predictive_std_at_full_rank():
     xc = x - x.mean(0)
     a_inv = np.linalg.inv(xc.T @ xc + fit.alpha * np.eye(8))
     z = probe - x.mean(0)
-    want = np.sqrt(fit.noise * (1 + np.einsum("nd,de,ne->n", z, a_inv, z)))
+    want = np.sqrt(fit.scale * np.einsum("nd,de,ne->n", z, a_inv, z))
     assert np.allclose(got, want, rtol=1e-4)
     # Far from the data, the uncertainty grows.
     assert got.mean() > heads.uncertainty(torch.tensor(x[:5], dtype=torch.float32)).mean().item()
@@ -110,3 +110,13 @@ def test_gating_learns_which_objective_matters_for_which_prompt():
 def test_stage2_config_names_the_bad_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         Stage2Config(**bad)
+
+
+def test_normalized_heads_score_like_a_fit_on_normalized_embeddings():
+    x = rng.normal(size=(300, 6)) * rng.uniform(0.5, 3, size=(300, 1))  # varying norms
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    fit = fit_ridge_cv(unit, unit[:, 0] * 2 + 1, np.zeros(300, bool), rank=6)
+    heads = heads_from_fits([Objective(name="a")], [fit], hidden=6, rank=6, normalize=True)
+    rewards, _, _, unc = heads(torch.tensor(x * 7, dtype=torch.float32))  # the norm must not matter
+    assert np.allclose(rewards.detach().numpy()[:, 0], fit.predict(unit), atol=1e-4)
+    assert unc.shape == (300, 1)

@@ -112,6 +112,18 @@ def test_killed_featurization_resumes_to_identical_embeddings(tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_finetune_command_trains_and_exports(tmp_path):
+    config = synthetic_config(tmp_path, n=60)
+    config.write_text(config.read_text() + "finetune: {max_steps: 3, batch_size: 4, max_length: 64}\n")
+    proc = polyreward("train", "finetune", "--config", config, "--out", tmp_path / "out", "--quiet")
+    metrics = json.loads(proc.stdout)
+    assert metrics["steps"] == 3 and metrics["lora"] is True
+    artifact = tmp_path / "out/finetune/artifact"
+    scorer = Scorer(artifact, precision="fp32", device="cpu")
+    assert scorer.objectives == ["quality"] and scorer.manifest.input.max_length == 64
+    assert len(scorer.score([Item(prompt="hi", response="hello there")])) == 1
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, data_dir):
     """configs/small.yaml, the recipe the tests use, run end to end through the CLI on the real data."""
@@ -144,26 +156,6 @@ def test_small_recipe_trains_exports_and_reports(small_run):
     assert {"uniform_average", "linear_probe"} <= set(held_out)
     for png in ("objective_correlation.png", "gating_by_subset.png", "calibration.png"):
         assert (out / "artifact" / png).stat().st_size > 1000
-
-
-def test_uncertainty_is_higher_out_of_distribution(small_run, data_dir):
-    out, _ = small_run
-    scorer = Scorer(out / "artifact", precision="fp32", device="cpu")
-    assert "uncertainty" in scorer.output_names
-    with gzip.open(data_dir / "ultrafeedback_binarized_subset/test.jsonl.gz", "rt") as f:
-        rows = [json.loads(line) for line in f]
-    rng = np.random.default_rng(0)
-    held_out, shuffled = [], []
-    for row in rows[:60]:
-        held_out.append(Item(prompt=row["prompt"], response=row["chosen"]))
-        ids = scorer.builder.tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
-        scrambled = scorer.builder.tokenizer.decode(rng.permutation(ids))
-        shuffled.append(Item(prompt=row["prompt"], response=scrambled))
-    unc_in = np.array([r.uncertainty for r in scorer.score(held_out)])
-    unc_out = np.array([r.uncertainty for r in scorer.score(shuffled)])
-    assert unc_out.mean() > unc_in.mean()
-    # ...for most objectives individually, not just on average.
-    assert (unc_out.mean(0) > unc_in.mean(0)).mean() >= 0.5
 
 
 def test_eval_command_on_a_canonical_pairs_file(small_run, data_dir, tmp_path):

@@ -30,7 +30,8 @@ def _run(config: Path, out: Path | None, quiet: bool = False):
 
 
 def _echo(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=float), err=True)
+    """Results to stdout as JSON (logs and progress go to stderr)."""
+    typer.echo(json.dumps(obj, indent=2, default=float))
 
 
 @app.callback()
@@ -112,7 +113,8 @@ def finetune(
     )
     export_artifact(
         backbone, heads, run.out / "finetune" / "artifact", run.cfg.export.precisions,
-        name=f"{run.cfg.export.name}-finetuned", overwrite=True, metrics={"finetune": metrics},
+        name=f"{run.cfg.export.name}-finetuned", max_length=metrics["max_length"], overwrite=True,
+        metrics={"finetune": metrics},
     )  # fmt: skip
     _echo(metrics)
 

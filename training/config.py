@@ -41,6 +41,9 @@ class Stage1Config(_Strict):
     validation: float = Field(0.2, gt=0, lt=1, description="fraction of training rows used to pick alpha")
     uncertainty_rank: int = Field(64, ge=1, description="rank of the stored posterior factors")
     verbosity: bool = Field(True, description="add a 'verbosity' objective fitted to response length")
+    normalize: bool = Field(
+        True, description="fit on L2-normalized embeddings (the heads then normalize too, in the graph)"
+    )
 
 
 class ExportConfig(_Strict):

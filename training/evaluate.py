@@ -29,15 +29,21 @@ def _subset(dataset: str, subset: str | None) -> str:
     return f"{dataset}/{subset}" if subset else dataset
 
 
-def _ece(p: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
-    """Expected calibration error of probabilities `p` that the outcome is 1, and the reliability table."""
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+def _ece(margin: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
+    """Expected calibration error of P(chosen ≻ rejected) = sigmoid(margin), and the reliability table.
+
+    Each pair is judged by its confidence max(p, 1 - p) in the predicted winner, against how often that
+    prediction is right, in equal-width bins over [0.5, 1].
+    """
+    p = 1 / (1 + np.exp(-margin))
+    confidence, correct = np.maximum(p, 1 - p), margin > 0
+    edges = np.linspace(0.5, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     table, ece = [], 0.0
     for b in range(bins):
         sel = which == b
         if sel.any():
-            conf, acc = float(p[sel].mean()), float(correct[sel].mean())
+            conf, acc = float(confidence[sel].mean()), float(correct[sel].mean())
             ece += sel.mean() * abs(conf - acc)
             table.append({"bin": b, "n": int(sel.sum()), "confidence": conf, "accuracy": acc})
     return float(ece), table
@@ -90,10 +96,22 @@ def evaluate(
         report["uncertainty_mean"] = dict(zip(names, unc.mean(0).tolist(), strict=True))
     if baselines:
         report["baselines_from_embeddings"] = baselines
-    (artifact / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = _json_safe(report)
+    (artifact / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if plots:
         _plots(artifact, report)
     return report
+
+
+def _json_safe(obj):
+    """NaN (a correlation over constant values) becomes null: the report must be valid JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _pairs_report(examples: Examples, paired: list[ScoreResult], names: list[str]) -> dict:
@@ -111,10 +129,11 @@ def _pairs_report(examples: Examples, paired: list[ScoreResult], names: list[str
             groups[p.dataset].append(i)
             if p.subset:
                 groups[_subset(p.dataset, p.subset)].append(i)
-    ece, table = _ece(1 / (1 + np.exp(-margin[strict])), correct[strict])
+    ece, table = _ece(margin[strict])
     per_objective: dict[str, dict] = {}
     for k, name in enumerate(names):
-        labelled = [i for i, p in enumerate(examples.pairs) if p.objective == name and strict[i]]
+        label = name.removesuffix("-pairs")  # a pair-fitted head beside a rated one (see training.pipeline)
+        labelled = [i for i, p in enumerate(examples.pairs) if p.objective == label and strict[i]]
         if labelled:
             acc = np.mean([chosen[i].rewards[k] > rejected[i].rewards[k] for i in labelled])
             per_objective[name] = {
@@ -185,8 +204,8 @@ def _plots(artifact: Path, report: dict) -> None:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         names = list(ratings)
         x = np.arange(len(names))
-        ax.bar(x - 0.2, [ratings[n]["pearson"] for n in names], 0.4, label="Pearson")
-        ax.bar(x + 0.2, [ratings[n]["spearman"] for n in names], 0.4, label="Spearman")
+        ax.bar(x - 0.2, [ratings[n]["pearson"] or 0 for n in names], 0.4, label="Pearson")
+        ax.bar(x + 0.2, [ratings[n]["spearman"] or 0 for n in names], 0.4, label="Spearman")
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.set_ylabel("held-out correlation")
         ax.set_title("Per-objective correlation with held-out ratings")
@@ -199,9 +218,10 @@ def _plots(artifact: Path, report: dict) -> None:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         datasets = list(gates)
         bottom = np.zeros(len(datasets))
-        for name in report["objectives"]:
+        colors = plt.get_cmap("tab20").colors
+        for k, name in enumerate(report["objectives"]):
             vals = np.array([gates[d][name] for d in datasets])
-            ax.bar(datasets, vals, bottom=bottom, label=name)
+            ax.bar(datasets, vals, bottom=bottom, label=name, color=colors[k % len(colors)])
             bottom += vals
         ax.set_ylabel("mean gating weight")
         ax.set_title("Gating weights by dataset (held-out prompts)")
@@ -213,9 +233,9 @@ def _plots(artifact: Path, report: dict) -> None:
     table = (report.get("calibration") or {}).get("bins") or []
     if table:
         fig, ax = plt.subplots(figsize=(4, 4))
-        ax.plot([0, 1], [0, 1], "--", color="grey")
+        ax.plot([0.5, 1], [0.5, 1], "--", color="grey")
         ax.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], "o-")
-        ax.set_xlabel("P(chosen ≻ rejected) = sigmoid(margin)")
+        ax.set_xlabel("confidence in the predicted winner, max(p, 1 - p)")
         ax.set_ylabel("fraction correct")
         ax.set_title(f"Calibration (ECE {report['calibration']['ece']:.3f})")
         fig.tight_layout()

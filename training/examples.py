@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 from models.inputs import Item, Message
 
 
+def scale_label(value: float, scale: tuple[float, float] | None) -> float:
+    """A rating mapped from its label scale (lo, hi) onto [0, 1]; NaN (missing) and unscaled labels pass through."""
+    if scale is None or math.isnan(value):
+        return value
+    lo, hi = scale
+    return (value - lo) / (hi - lo)
+
+
 def conversation(prompt: list[Message], response: str) -> Item:
     return Item(messages=[*prompt, Message(role="assistant", content=response)])
 

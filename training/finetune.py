@@ -36,13 +36,13 @@ from models.inputs import Encoded, InputBuilder
 from models.objectives import Objective, check_objectives
 from models.torch_model import (
     RewardModel,
-    _torch_inputs,
     build_reward_model,
     detect_kind,
     load_backbone,
     score_torch,
+    torch_inputs,
 )
-from training.examples import Examples
+from training.examples import Examples, scale_label
 
 BACKBONE_DIR = "backbone"
 # Gradient-norm clip: one odd batch (a long, badly rated item) must not undo what the others taught.
@@ -123,7 +123,7 @@ def training_data(examples: Examples, objectives: Sequence[Objective], builder: 
     train = examples.where("train")
     rows, rated_items = [], []
     for e in train.ratings:
-        row = [_scaled(e.rating(o.name), o.scale) for o in objectives]
+        row = [scale_label(e.rating(o.name), o.scale) for o in objectives]
         if not all(math.isnan(v) for v in row):
             rows.append(row)
             rated_items.append(e.item)
@@ -139,13 +139,6 @@ def training_data(examples: Examples, objectives: Sequence[Objective], builder: 
         labels=torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(objectives)),
         pair_objective=torch.tensor([columns[p.objective] for p in pairs], dtype=torch.long),
     )
-
-
-def _scaled(value: float, scale: tuple[float, float] | None) -> float:
-    if scale is None or math.isnan(value):
-        return value
-    lo, hi = scale
-    return (value - lo) / (hi - lo)
 
 
 def init_heads(objectives: Sequence[Objective], hidden_size: int, data: TrainingData) -> RewardHeads:
@@ -175,12 +168,6 @@ def prepare(
     `finetune` starts here; it is public so the loss before training can be measured on the same footing.
     """
     check_objectives(list(objectives))
-    for i, o in enumerate(objectives):
-        if o.scale is not None and not o.scale[0] < o.scale[1]:
-            raise FinetuneError(
-                f"objectives[{i}].scale: ({o.scale[0]:g}, {o.scale[1]:g}) for {o.name!r} must be (lo, hi) "
-                "with lo < hi, so ratings can be scaled to [0, 1]"
-            )
     config, backbone, tokenizer = load_backbone(backbone_dir)
     kind = detect_kind(config)
     builder = InputBuilder(tokenizer, kind, input_policy(config, tokenizer, kind, max_length=cfg.max_length))
@@ -331,7 +318,7 @@ def finetune(
     with tqdm(schedule, desc="fine-tuning", unit="step", disable=not progress) as bar:
         for rated, pairs in bar:
             encoded, labels, pair_objective = data.select(rated, pairs)
-            inputs = _torch_inputs(
+            inputs = torch_inputs(
                 model, encoded, builder.pad_id, builder.policy.padding_side, model.input_names()
             )
             rewards = model(*inputs)[0]

@@ -24,7 +24,7 @@ from models.manifest import CalibrationStat
 from models.objectives import Objective
 from training.config import TrainConfig
 from training.data import read_dataset, subsplit
-from training.examples import Examples, PairExample
+from training.examples import Examples, PairExample, scale_label
 from training.featurize import FeatureCache
 from training.stage1 import (
     ObjectiveFit,
@@ -99,9 +99,14 @@ class Run:
         )  # fmt: skip
 
     def embed(self, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray]:
+        """(reward, gating) embeddings as the heads see them: L2-normalized when stage1.normalize is set."""
         feats = self.features
         rows = [self._rows[_key(it)] for it in items]
-        return feats.reward[rows], feats.gating[rows]
+        reward, gating = feats.reward[rows], feats.gating[rows]
+        if self.cfg.stage1.normalize:
+            unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+            reward, gating = unit(reward), unit(gating)
+        return reward, gating
 
     def featurize(self) -> dict:
         t = time.perf_counter()
@@ -131,12 +136,16 @@ class Run:
         rated = self.rating_objectives()
         first = {name: scale for (_, name), scale in reversed(scales.items())}
         return [Objective(name=n, scale=first.get(n)) for n in rated] + [
-            Objective(name=n) for n in self.pair_objectives(rated)
+            Objective(name=n) for n in self.pair_objectives(rated).values() if n not in rated
         ]
 
-    def pair_objectives(self, rated: list[str]) -> list[str]:
+    def pair_objectives(self, rated: list[str]) -> dict[str, str]:
+        """Head name -> pair label for objectives fitted by Bradley–Terry on labelled pairs.
+
+        A label that is also a rated objective gets its own head, `<label>-pairs`, beside the ridge head.
+        """
         labels = dict.fromkeys(p.objective for p in self.examples.pairs if p.split == "train" and p.objective)
-        return [name for name in labels if name not in rated]
+        return {f"{label}-pairs" if label in rated else label: label for label in labels if label}
 
     def reference_responses(self) -> tuple[list[Item], list[str]]:
         """Every distinct training response (rated ones and both sides of pairs): verbosity and debiasing use it."""
@@ -166,7 +175,9 @@ class Run:
             x, _ = self.embed([e.item for e in train.ratings])
             val = np.array([subsplit(e.id, s1.validation, "stage1") for e in train.ratings])
             for name in rated:
-                y = np.array([_scaled(e.rating(name), scales.get((e.dataset, name))) for e in train.ratings])
+                y = np.array(
+                    [scale_label(e.rating(name), scales.get((e.dataset, name))) for e in train.ratings]
+                )
                 sources = sorted(
                     {e.dataset for e, v in zip(train.ratings, y, strict=True) if not math.isnan(v)}
                 )
@@ -179,8 +190,8 @@ class Run:
                     )
                 )  # fmt: skip
                 report[name] = {"kind": "ridge", **fit.metrics}
-        for name in paired:
-            pairs = [p for p in train.pairs if p.objective == name and not p.tie]
+        for name, label in paired.items():
+            pairs = [p for p in train.pairs if p.objective == label and not p.tie]
             xc, xr, val = self._pair_arrays(pairs, s1.validation, "stage1")
             fit = fit_bradley_terry(xc, xr, val, rank=s1.uncertainty_rank)
             fits.append(fit)
@@ -189,7 +200,7 @@ class Run:
                 Objective(name=name, description=descr.get(name, ""), source="pairs: " + ", ".join(sources))
             )
             report[name] = {"kind": "bradley-terry", **fit.metrics}
-        if s1.verbosity and VERBOSITY not in rated + paired:
+        if s1.verbosity and VERBOSITY not in [*rated, *paired]:
             items, texts = self.reference_responses()
             x, _ = self.embed(items)
             val = np.array([subsplit(_key(it), s1.validation, "stage1") for it in items])
@@ -206,7 +217,9 @@ class Run:
             raise ValueError(
                 f"{self.cfg.source}: no objective to fit (no ratings and no objective-labelled pairs)"
             )
-        heads = heads_from_fits(objectives, fits, len(fits[0].weight), self.cfg.stage1.uncertainty_rank)
+        heads = heads_from_fits(
+            objectives, fits, len(fits[0].weight), s1.uncertainty_rank, normalize=s1.normalize
+        )
         save_heads(heads, self.out / STAGE1_FILE)
         _write_json(self.out / "stage1.json", report)
         for name, r in report.items():
@@ -264,7 +277,7 @@ class Run:
             HeadsConfig(
                 objectives=stage1.cfg.objectives, hidden_size=stage1.cfg.hidden_size, kind="moe",
                 gating=GatingConfig(temperature=cfg.temperature, hidden_dim=cfg.hidden_dim, n_hidden=cfg.n_hidden),
-                uncertainty_rank=stage1.cfg.uncertainty_rank,
+                uncertainty_rank=stage1.cfg.uncertainty_rank, normalize=stage1.cfg.normalize,
             )
         )  # fmt: skip
         state = {k: v for k, v in stage1.state_dict().items() if k != "transform"}
@@ -349,13 +362,6 @@ class Run:
             self.out / ARTIFACT_DIR, self.examples.where("test"), precision=self.cfg.eval.precision,
             scales=self.scales(), progress=self.progress, baselines=json.loads((self.out / "stage2.json").read_text()).get("held_out"),
         )  # fmt: skip
-
-
-def _scaled(value: float, scale: tuple[float, float] | None) -> float:
-    if scale is None or math.isnan(value):
-        return value
-    lo, hi = scale
-    return (value - lo) / (hi - lo)
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,9 +6,9 @@
   a Bradley–Terry linear head, i.e. L2-regularized logistic regression on embedding differences (Newton).
 * Verbosity: ridge regression onto log(1 + words in the response), the axis stage 2 debiases against.
 
-Each fit also returns its posterior in low-rank form so the graph can output a predictive standard deviation
-per objective (see `models.heads`): ridge `var = s2 (1 + z'A^-1 z)` with `A = Xc'Xc + alpha I`; Bradley–Terry
-the Laplace approximation `var = z'A^-1 z` with `A = D' diag(p(1-p)) D + lambda I`.
+Each fit also returns its posterior in low-rank form so the graph can output the posterior standard deviation
+of every objective's reward (see `models.heads`): ridge `var = s2 z'A^-1 z` with `A = Xc'Xc + alpha I` and s2
+the residual variance; Bradley–Terry the Laplace approximation `var = z'A^-1 z`, `A = D' diag(p(1-p)) D + lambda I`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ class ObjectiveFit:
     mean: np.ndarray  # [D] center of the training embeddings
     basis: np.ndarray  # [r, D] eigenvectors scaled by sqrt(s / (s + alpha))
     alpha: float  # absolute regularization (prior precision)
-    noise: float  # label noise variance (ridge) or 0 (Bradley–Terry)
-    scale: float  # multiplier of z'A^-1 z: the noise variance (ridge) or 1 (Bradley–Terry)
+    scale: float  # multiplier of z'A^-1 z: the label noise variance (ridge) or 1 (Bradley–Terry)
     metrics: dict = field(default_factory=dict)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -90,7 +89,7 @@ def fit_ridge_cv(
         metrics["val_spearman"] = float(spearmanr(pred, y[held]).statistic)
     return ObjectiveFit(
         weight=w, bias=b, mean=mu, basis=_posterior_basis(gram, alpha, rank),
-        alpha=alpha, noise=noise, scale=noise, metrics=metrics,
+        alpha=alpha, scale=noise, metrics=metrics,
     )  # fmt: skip
 
 
@@ -149,7 +148,7 @@ def fit_bradley_terry(
     mu = np.concatenate([xc, xr]).mean(0)
     return ObjectiveFit(
         weight=w, bias=float(-mu @ w), mean=mu, basis=_posterior_basis(gram, lam, rank),
-        alpha=lam, noise=0.0, scale=1.0, metrics=metrics,
+        alpha=lam, scale=1.0, metrics=metrics,
     )  # fmt: skip
 
 
@@ -158,15 +157,26 @@ def verbosity_target(responses: Sequence[str]) -> np.ndarray:
     return np.log1p(np.array([len(r.split()) for r in responses], np.float64))
 
 
-def heads_from_fits(objectives, fits: Sequence[ObjectiveFit], hidden: int, rank: int):
-    """Fixed-weights `RewardHeads` carrying the fitted regression layer and uncertainty factors."""
+def heads_from_fits(
+    objectives, fits: Sequence[ObjectiveFit], hidden: int, rank: int, *, normalize: bool = False
+):
+    """Fixed-weights `RewardHeads` carrying the fitted regression layer and uncertainty factors.
+
+    normalize: the fits were made on L2-normalized embeddings, so the heads normalize too.
+    """
     import torch
 
     from models.heads import HeadsConfig, RewardHeads
 
     rank = min(rank, *(len(f.basis) for f in fits))
     heads = RewardHeads(
-        HeadsConfig(objectives=list(objectives), hidden_size=hidden, kind="fixed", uncertainty_rank=rank)
+        HeadsConfig(
+            objectives=list(objectives),
+            hidden_size=hidden,
+            kind="fixed",
+            uncertainty_rank=rank,
+            normalize=normalize,
+        )
     )
     stack = lambda xs: torch.tensor(np.stack(xs), dtype=torch.float32)  # noqa: E731
     state = {
@@ -175,7 +185,6 @@ def heads_from_fits(objectives, fits: Sequence[ObjectiveFit], hidden: int, rank:
         "uncertainty_mean": stack([f.mean for f in fits]),
         "uncertainty_basis": stack([f.basis[:rank] for f in fits]),
         "uncertainty_inv_alpha": stack([1 / f.alpha for f in fits]),
-        "uncertainty_noise": stack([f.noise for f in fits]),
         "uncertainty_scale": stack([f.scale for f in fits]),
     }
     heads.load_state_dict({**heads.state_dict(), **state})
