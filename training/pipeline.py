@@ -33,7 +33,7 @@ from training.stage1 import (
     heads_from_fits,
     verbosity_target,
 )
-from training.stage2 import PairTensors, debias_transform, train_gating
+from training.stage2 import PairTensors, debias_transform, spearman, train_gating
 
 log = logging.getLogger("polyreward.train")
 
@@ -291,8 +291,8 @@ class Run:
             "debias": {
                 names[j]: {
                     "lambda": lam,
-                    "spearman_before": _spearman(ref[:, j], ref[:, names.index(VERBOSITY)]),
-                    "spearman_after": _spearman(after[:, j], ref[:, names.index(VERBOSITY)]),
+                    "spearman_before": spearman(ref[:, j], ref[:, names.index(VERBOSITY)]),
+                    "spearman_after": spearman(after[:, j], ref[:, names.index(VERBOSITY)]),
                 }
                 for j, lam in lambdas.items()
             },
@@ -362,9 +362,3 @@ class Run:
             self.out / ARTIFACT_DIR, self.examples.where("test"), precision=self.cfg.eval.precision,
             scales=self.scales(), progress=self.progress, baselines=json.loads((self.out / "stage2.json").read_text()).get("held_out"),
         )  # fmt: skip
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)

@@ -63,25 +63,26 @@ def debias_transform(rewards: np.ndarray, verbosity: int | None, threshold: floa
     return t, lambdas
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho, 0 where it is undefined (a constant input)."""
     rho = spearmanr(a, b).statistic
     return 0.0 if np.isnan(rho) else float(rho)
 
 
 def _debias_lambda(r: np.ndarray, v: np.ndarray, threshold: float) -> float:
     """Smallest |lambda| with |spearman(r - lambda v, v)| < threshold (bisection; the correlation falls with lambda)."""
-    rho0 = _spearman(r, v)
+    rho0 = spearman(r, v)
     if abs(rho0) < threshold:
         return 0.0
     sign = np.sign(rho0)
     target = sign * threshold * 0.5  # aim inside the band so the result is robustly below the threshold
     step = abs(np.cov(r, v)[0, 1] / max(v.var(), 1e-12)) or 1.0
     lo, hi = 0.0, step
-    while sign * _spearman(r - sign * hi * v, v) > abs(target) and hi < 1e6 * step:
+    while sign * spearman(r - sign * hi * v, v) > abs(target) and hi < 1e6 * step:
         lo, hi = hi, hi * 2
     for _ in range(50):
         mid = (lo + hi) / 2
-        if sign * _spearman(r - sign * mid * v, v) > abs(target):
+        if sign * spearman(r - sign * mid * v, v) > abs(target):
             lo = mid
         else:
             hi = mid
