@@ -184,7 +184,8 @@ def _bon_report(examples: Examples, bon: list[ScoreResult]) -> dict:
         scores = [r.score for r in bon[pos : pos + 1 + len(b.losers)]]
         pos += 1 + len(b.losers)
         wins.append(all(scores[0] > s for s in scores[1:]))
-        groups[_subset(b.dataset, b.objective)].append(i)
+        for label in {b.objective, b.subset} - {None}:
+            groups[_subset(b.dataset, label)].append(i)
     w = np.array(wins)
     return {
         "accuracy": float(w.mean()),
