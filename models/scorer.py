@@ -39,7 +39,20 @@ class ScoreResult:
     gating: list[float]
     tokens: int
     truncated: bool
-    uncertainty: list[float] | None = None  # predictive std per objective, when the heads carry it
+    uncertainty: list[float] | None = None  # posterior std per objective, when the heads carry it
+
+    @classmethod
+    def from_outputs(cls, encoded: Encoded, row: dict[str, np.ndarray]) -> ScoreResult:
+        """One item's result from its row of the graph outputs."""
+        uncertainty = row.get("uncertainty")
+        return cls(
+            score=float(row["score"]),
+            rewards=row["rewards"].tolist(),
+            gating=row["gating"].tolist(),
+            tokens=encoded.tokens,
+            truncated=encoded.truncated,
+            uncertainty=None if uncertainty is None else uncertainty.tolist(),
+        )
 
 
 class Scorer:
@@ -112,16 +125,23 @@ class Scorer:
     def plan(self, encoded: Sequence[Encoded]) -> list[list[int]]:
         return plan_batches([e.tokens for e in encoded], self.token_budget, self.max_batch_items)
 
-    def run(self, batch: Sequence[Encoded]) -> dict[str, np.ndarray]:
-        """One padded batch through the graph: {rewards [N,K], gating [N,K], score [N], uncertainty? [N,K]}."""
+    def collate(self, batch: Sequence[Encoded]) -> dict[str, np.ndarray]:
+        """Pad one batch into the graph's inputs (a server does this while the previous batch runs)."""
         arrays = collate(
             batch,
             kind=self.builder.kind,
             pad_id=self.builder.pad_id,
             padding_side=self.manifest.input.padding_side,
         )
-        outputs = self.session.run(self.output_names, {name: arrays[name] for name in self.input_names})
-        return dict(zip(self.output_names, outputs, strict=True))
+        return {name: arrays[name] for name in self.input_names}
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run collated inputs through the graph: {rewards [N,K], gating [N,K], score [N], uncertainty? [N,K]}."""
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+
+    def run(self, batch: Sequence[Encoded]) -> dict[str, np.ndarray]:
+        """One padded batch through the graph."""
+        return self.infer(self.collate(batch))
 
     def score(self, items: Sequence[Item | dict], *, progress: bool = False) -> list[ScoreResult]:
         """Score items (Item objects or dicts of the same shape); results come back in input order."""
@@ -135,14 +155,7 @@ class Scorer:
         for batch in self.plan(encoded):
             out = self.run([encoded[i] for i in batch])
             for row, i in enumerate(batch):
-                results[i] = ScoreResult(
-                    score=float(out["score"][row]),
-                    rewards=out["rewards"][row].tolist(),
-                    gating=out["gating"][row].tolist(),
-                    tokens=encoded[i].tokens,
-                    truncated=encoded[i].truncated,
-                    uncertainty=out["uncertainty"][row].tolist() if "uncertainty" in out else None,
-                )
+                results[i] = ScoreResult.from_outputs(encoded[i], {k: v[row] for k, v in out.items()})
             if bar is not None:
                 bar.update(len(batch))
         if bar is not None:

@@ -1,0 +1,217 @@
+"""Dynamic batching across requests: the core of the service (DESIGN.md section 6).
+
+Rollout workers send many concurrent single-item requests. Each model gets one `Batcher`: requests tokenize
+off the event loop, their items join one queue, and two threads turn the queue into batches:
+
+* the *prepare* thread takes a length-sorted window of the oldest waiting items, picks the batch (under the
+  padded-token budget and the item cap) that holds the oldest item, and collates it, while
+* the *infer* thread runs the previous batch through ONNX Runtime and resolves its futures.
+
+So the next batch is ready the moment the device is free. When the device is busy, the prepare thread waits up
+to `max_wait` for more items, which costs nothing then and makes batches fuller. Items whose request has gone
+(deadline passed, client disconnected) are cancelled futures and are dropped when the next batch is formed.
+An inference error fails only the requests in that batch. Backends never see asyncio; handlers never see batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from models.batching import plan_batches
+from models.inputs import Encoded, Item
+from models.scorer import Scorer, ScoreResult
+
+log = logging.getLogger("polyreward.batcher")
+
+
+class QueueFull(Exception):
+    """The queue cap would be exceeded; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"the scoring queue is full; retry after {retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one batch did, for metrics."""
+
+    items: int
+    padded_tokens: int
+    real_tokens: int
+    queue_seconds: float  # mean time its items waited before the batch started
+    infer_seconds: float
+
+
+@dataclass(eq=False)
+class _Pending:
+    encoded: Encoded
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """One model's queue, prepare thread and inference thread. `start()` before use, `stop()` drains it."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        *,
+        max_queue_items: int = 4096,
+        max_wait: float = 0.002,
+        window_items: int | None = None,
+        tokenizer_threads: int = 1,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ):
+        self.scorer = scorer
+        self.max_queue_items = max_queue_items
+        self.max_wait = max_wait
+        self.window_items = window_items or 4 * scorer.max_batch_items
+        self.on_batch = on_batch
+        self._pending: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._prepared: queue.Queue = queue.Queue(maxsize=1)
+        self._busy = threading.Event()  # the infer thread is running a batch
+        self._stopping = False
+        self._tokenize = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
+        self._threads = [
+            threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
+            threading.Thread(target=self._infer_loop, name="infer", daemon=True),
+        ]
+        self._seconds_per_item = 0.01  # running estimate, for Retry-After
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish every queued item, then end the threads."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        self._tokenize.shutdown(wait=False)
+
+    async def encode(self, items: Sequence[Item]) -> list[Encoded]:
+        """Tokenize off the event loop (raises `InputTooLong` when the policy refuses over-long items)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize, self.scorer.builder.encode, list(items))
+
+    async def score(self, items: Sequence[Item], *, timeout: float | None = None) -> list[ScoreResult]:
+        """Score one request's items through the shared queue; results in input order.
+
+        Raises QueueFull when the queue cap would be exceeded, TimeoutError when `timeout` passes first (its
+        items then leave the queue), and the inference error when its batch failed.
+        """
+        encoded = await self.encode(items)
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._stopping:
+                raise QueueFull(retry_after=1.0)
+            if len(self._pending) + len(encoded) > self.max_queue_items:
+                raise QueueFull(max(0.1, len(self._pending) * self._seconds_per_item))
+            pending = [_Pending(e, loop.create_future(), loop) for e in encoded]
+            self._pending.extend(pending)
+            self._cond.notify()
+        futures = [p.future for p in pending]
+        try:
+            outputs = await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        except BaseException:  # timeout, disconnect (cancellation) or a failed batch: free the rest
+            for f in futures:
+                f.cancel()
+            raise
+        return [ScoreResult.from_outputs(e, out) for e, out in zip(encoded, outputs, strict=True)]
+
+    # -- threads -------------------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[_Pending] | None:
+        with self._cond:
+            while True:
+                while self._pending and self._pending[0].future.done():
+                    self._pending.popleft()  # the request is gone
+                if self._pending:
+                    break
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            # The device is busy: a short wait lets more items join this batch at no cost.
+            if self._busy.is_set() and len(self._pending) < self.scorer.max_batch_items:
+                self._cond.wait(self.max_wait)
+            window = [p for p in list(self._pending)[: self.window_items] if not p.future.done()]
+            plan = plan_batches(
+                [p.encoded.tokens for p in window], self.scorer.token_budget, self.scorer.max_batch_items
+            )
+            chosen = next(b for b in plan if 0 in b)  # the batch that holds the oldest item
+            batch = [window[i] for i in chosen]
+            taken = {id(p) for p in batch}
+            self._pending = deque(p for p in self._pending if id(p) not in taken and not p.future.done())
+            return batch
+
+    def _prepare_loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                feeds = self.scorer.collate([p.encoded for p in batch])
+            except Exception as e:
+                _fail(batch, e)
+                continue
+            self._prepared.put((batch, feeds))
+        self._prepared.put(None)
+
+    def _infer_loop(self) -> None:
+        while (job := self._prepared.get()) is not None:
+            batch, feeds = job
+            started = time.monotonic()
+            self._busy.set()
+            try:
+                outputs = self.scorer.infer(feeds)
+            except Exception as e:
+                log.exception("inference failed for a batch of %d items", len(batch))
+                _fail(batch, e)
+                continue
+            finally:
+                self._busy.clear()
+            seconds = time.monotonic() - started
+            self._seconds_per_item = 0.9 * self._seconds_per_item + 0.1 * seconds / len(batch)
+            for row, p in enumerate(batch):
+                values = {name: array[row] for name, array in outputs.items()}
+                p.loop.call_soon_threadsafe(_set_result, p.future, values)
+            if self.on_batch:
+                ids = feeds["input_ids"]
+                self.on_batch(
+                    BatchStats(
+                        items=len(batch),
+                        padded_tokens=int(ids.size),
+                        real_tokens=sum(p.encoded.tokens for p in batch),
+                        queue_seconds=sum(started - p.enqueued for p in batch) / len(batch),
+                        infer_seconds=seconds,
+                    )
+                )
+
+
+def _set_result(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _fail(batch: list[_Pending], error: BaseException) -> None:
+    for p in batch:
+        p.loop.call_soon_threadsafe(_set_exception, p.future, error)
