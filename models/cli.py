@@ -216,3 +216,7 @@ def main() -> None:
     except USER_ERRORS as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -51,6 +51,12 @@ class BatchStats:
     infer_seconds: float
 
 
+@dataclass(frozen=True)
+class Timing:
+    queue_seconds: float
+    infer_seconds: float
+
+
 @dataclass(eq=False)
 class _Pending:
     encoded: Encoded
@@ -112,7 +118,13 @@ class Batcher:
         return await loop.run_in_executor(self._tokenize, self.scorer.builder.encode, list(items))
 
     async def score(self, items: Sequence[Item], *, timeout: float | None = None) -> list[ScoreResult]:
-        """Score one request's items through the shared queue; results in input order.
+        """Score one request's items through the shared queue; results in input order."""
+        return (await self.score_timed(items, timeout=timeout))[0]
+
+    async def score_timed(
+        self, items: Sequence[Item], *, timeout: float | None = None
+    ) -> tuple[list[ScoreResult], Timing]:
+        """Like `score`, plus the request's longest queue wait and inference time.
 
         Raises QueueFull when the queue cap would be exceeded, TimeoutError when `timeout` passes first (its
         items then leave the queue), and the inference error when its batch failed.
@@ -134,7 +146,14 @@ class Batcher:
             for f in futures:
                 f.cancel()
             raise
-        return [ScoreResult.from_outputs(e, out) for e, out in zip(encoded, outputs, strict=True)]
+        results = [
+            ScoreResult.from_outputs(e, values) for e, (values, _) in zip(encoded, outputs, strict=True)
+        ]
+        timing = Timing(
+            queue_seconds=max(t.queue_seconds for _, t in outputs),
+            infer_seconds=max(t.infer_seconds for _, t in outputs),
+        )
+        return results, timing
 
     # -- threads -------------------------------------------------------------------------------------
 
@@ -188,7 +207,8 @@ class Batcher:
             self._seconds_per_item = 0.9 * self._seconds_per_item + 0.1 * seconds / len(batch)
             for row, p in enumerate(batch):
                 values = {name: array[row] for name, array in outputs.items()}
-                p.loop.call_soon_threadsafe(_set_result, p.future, values)
+                timing = Timing(queue_seconds=started - p.enqueued, infer_seconds=seconds)
+                p.loop.call_soon_threadsafe(_set_result, p.future, (values, timing))
             if self.on_batch:
                 ids = feeds["input_ids"]
                 self.on_batch(

@@ -1,0 +1,188 @@
+"""The real server (`polyreward serve`, uvicorn on 127.0.0.1) on a real exported artifact, over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+from test_cli import POLYREWARD
+
+from models.inputs import Item
+from models.scorer import Scorer
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(artifact, **env):
+    port = free_port()
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", **{f"POLYREWARD_{k.upper()}": v for k, v in env.items()}}
+    proc = subprocess.Popen(
+        [POLYREWARD, "serve", artifact, "--port", str(port)],
+        env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"server exited: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "server not ready in 120 s"
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def artifact(export_family):
+    return export_family("minilm")
+
+
+@pytest.fixture(scope="module")
+def url(artifact):
+    with server(artifact) as u:
+        yield u
+
+
+ITEM = {"prompt": "What is 2 + 2?", "response": "4."}
+
+
+def error_of(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}
+    return body["error"]["message"]
+
+
+def test_every_route(url, artifact):
+    scorer = Scorer(artifact, precision="fp32", device="cpu")
+    r = httpx.post(f"{url}/v1/score", json={"items": [ITEM], "return": ["gating", "uncertainty"]})
+    assert r.status_code == 200
+    for header in ("x-request-id", "x-total-time-ms", "x-queue-time-ms", "x-inference-time-ms"):
+        assert header in r.headers
+    body = r.json()
+    want = scorer.score([ITEM])[0]
+    assert body["objectives"] == scorer.objectives and body["usage"] == {"items": 1, "tokens": want.tokens}
+    assert abs(body["results"][0]["score"] - want.score) <= 1e-4
+    assert np.allclose(body["results"][0]["rewards"], want.rewards, atol=1e-4)
+    assert np.allclose(body["results"][0]["gating"], want.gating, atol=1e-4)
+
+    weights = dict.fromkeys(scorer.objectives, 0.0) | {scorer.objectives[0]: 2.0}
+    weighted = httpx.post(f"{url}/v1/score", json={"items": [ITEM], "weights": weights}).json()["results"][0]
+    assert abs(weighted["score"] - 2 * want.rewards[0]) <= 1e-4 and "gating" not in weighted
+
+    pair = {"prompt": ITEM["prompt"], "chosen": "4.", "rejected": "5."}
+    cmp = httpx.post(f"{url}/v1/compare", json={"pairs": [pair]}).json()["results"][0]
+    good, bad = scorer.score([ITEM, {"prompt": ITEM["prompt"], "response": "5."}])
+    assert abs(cmp["p_chosen"] - 1 / (1 + np.exp(bad.score - good.score))) <= 1e-4
+    assert set(cmp["objectives"]) == set(scorer.objectives)
+
+    query = scorer.builder.render(Item(**ITEM).as_messages())  # a templated conversation, as OpenRLHF sends
+    reward = httpx.post(f"{url}/get_reward", json={"query": [query], "prompts": ["What is 2 + 2?"]}).json()
+    assert set(reward) == {"rewards", "scores", "extra_logs"}
+    assert set(reward["extra_logs"]) == set(scorer.objectives) and len(reward["rewards"]) == 1
+    assert abs(reward["rewards"][0] - scorer.score([{"text": query}])[0].score) <= 1e-4
+
+    models = httpx.get(f"{url}/v1/models").json()["models"]
+    assert models[0]["objectives"] == scorer.objectives and models[0]["precision"] == "fp32"
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "polyreward_batch_size_count" in metrics and "polyreward_model_info" in metrics
+
+
+def test_64_concurrent_single_item_clients_match_offline_and_are_batched(url, artifact, mixed_items):
+    items = [it.model_dump(exclude_none=True) for it in mixed_items[:64]]
+
+    async def load():
+        async with httpx.AsyncClient(timeout=120) as client:
+            rs = await asyncio.gather(*(client.post(f"{url}/v1/score", json={"items": [it]}) for it in items))
+            return [r.json()["results"][0]["score"] for r in rs]
+
+    before = _batch_counts(httpx.get(f"{url}/metrics").text)
+    got = np.array(asyncio.run(load()))
+    after = _batch_counts(httpx.get(f"{url}/metrics").text)
+    want = np.array([r.score for r in Scorer(artifact, precision="fp32", device="cpu").score(items)])
+    assert np.abs(got - want).max() <= 1e-4
+    batches, batched_items = after[0] - before[0], after[1] - before[1]
+    assert batched_items == 64 and batched_items / batches > 1
+
+
+def _batch_counts(metrics: str) -> tuple[float, float]:
+    count = float(re.search(r"^polyreward_batch_size_count\{[^}]*\} (\S+)", metrics, re.M).group(1))
+    total = float(re.search(r"^polyreward_batch_size_sum\{[^}]*\} (\S+)", metrics, re.M).group(1))
+    return count, total
+
+
+def test_bad_requests_get_named_4xx_errors(url):
+    post = lambda body, **kw: httpx.post(f"{url}/v1/score", json=body, **kw)  # noqa: E731
+    assert "not valid JSON" in error_of(
+        httpx.post(f"{url}/v1/score", content=b"{bad", headers={"content-type": "application/json"}), 400
+    )
+    assert "items" in error_of(post({}), 422)
+    assert "items" in error_of(post({"items": []}), 422)
+    assert "response" in error_of(post({"items": [{"prompt": "hi"}]}), 422)
+    assert "'nope'" in error_of(post({"model": "nope", "items": [ITEM]}), 404)
+    assert "weights" in error_of(post({"items": [ITEM], "weights": {"nope": 1.0}}), 422)
+    assert "query" in error_of(httpx.post(f"{url}/get_reward", json={"prompts": ["x"]}), 422)
+
+
+def test_limits_auth_and_queue_cap(artifact, mixed_items):
+    keys = json.dumps(["secret-1", "secret-2"])
+    with server(
+        artifact, api_keys=keys, max_items_per_request="4", max_body_bytes="65536", max_queue_items="8"
+    ) as u:
+        auth = {"Authorization": "Bearer secret-2"}
+        for route, body in [("/v1/score", {"items": [ITEM]}), ("/get_reward", {"query": ["x"]})]:
+            assert error_of(httpx.post(f"{u}{route}", json=body), 401)
+            assert error_of(
+                httpx.post(f"{u}{route}", json=body, headers={"Authorization": "Bearer wrong"}), 401
+            )
+            assert httpx.post(f"{u}{route}", json=body, headers=auth).status_code == 200
+        for route in ("/health", "/ready", "/metrics"):
+            assert httpx.get(f"{u}{route}").status_code == 200
+        assert "limit is 4" in error_of(
+            httpx.post(f"{u}/v1/score", json={"items": [ITEM] * 5}, headers=auth), 413
+        )
+        big = {"items": [{"prompt": "x" * 70000, "response": "y"}]}
+        assert "limit is 65536" in error_of(httpx.post(f"{u}/v1/score", json=big, headers=auth), 413)
+
+        items = [it.model_dump(exclude_none=True) for it in mixed_items[:48]]
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=120, headers=auth) as client:
+                return await asyncio.gather(
+                    *(client.post(f"{u}/v1/score", json={"items": [it]}) for it in items)
+                )
+
+        responses = asyncio.run(burst())
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+        assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 429)
+        ok = [
+            (it, r.json()["results"][0]["score"])
+            for it, r in zip(items, responses, strict=True)
+            if r.status_code == 200
+        ]
+        want = Scorer(artifact, precision="fp32", device="cpu").score([it for it, _ in ok])
+        assert max(abs(s - w.score) for (_, s), w in zip(ok, want, strict=True)) <= 1e-4
