@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -44,9 +45,16 @@ def test_concurrent_single_item_requests_are_batched_and_match_offline(scorer, m
     assert all(s.padded_tokens >= s.real_tokens for s in stats)
 
 
-def test_queue_cap_rejects_the_excess_with_retry_after_and_serves_the_rest(scorer, mixed_items):
+def test_queue_cap_rejects_the_excess_with_retry_after_and_serves_the_rest(scorer, mixed_items, monkeypatch):
+    gate = threading.Event()  # holds the device busy until the whole burst has arrived
+    real_infer = scorer.infer
+    monkeypatch.setattr(scorer, "infer", lambda feeds: (gate.wait(30), real_infer(feeds))[1])
+
     async def burst(batcher):
-        return await asyncio.gather(*(batcher.score([it]) for it in mixed_items[:40]), return_exceptions=True)
+        tasks = [asyncio.ensure_future(batcher.score([it])) for it in mixed_items[:40]]
+        await asyncio.sleep(1.0)  # every request tokenized and queued or refused
+        gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
 
     results, _, _ = run_with(scorer, burst, max_queue_items=8)
     rejected = [r for r in results if isinstance(r, QueueFull)]
@@ -93,13 +101,21 @@ def test_an_inference_error_fails_only_its_batch(scorer, mixed_items, monkeypatc
     assert len(second) == 3
 
 
-def test_stop_finishes_queued_work(scorer, mixed_items):
+def test_stop_finishes_queued_work(scorer, mixed_items, monkeypatch):
+    gate = threading.Event()
+    real_infer = scorer.infer
+    monkeypatch.setattr(scorer, "infer", lambda feeds: (gate.wait(30), real_infer(feeds))[1])
+
     async def scenario(batcher):
         tasks = [asyncio.ensure_future(batcher.score([it])) for it in mixed_items[:20]]
-        await asyncio.sleep(0.05)
-        await asyncio.get_running_loop().run_in_executor(None, batcher.stop, 30)
-        return await asyncio.gather(*tasks)
+        await asyncio.sleep(1.0)  # all queued; the first batch is held on the device
+        stopping = asyncio.get_running_loop().run_in_executor(None, batcher.stop, 30)
+        refused = await asyncio.gather(batcher.score(mixed_items[:1]), return_exceptions=True)
+        gate.set()
+        await stopping
+        return await asyncio.gather(*tasks), refused[0]
 
-    results, stats, _ = run_with(scorer, scenario)
+    (results, refused), stats, _ = run_with(scorer, scenario)
     assert len(results) == 20 and all(len(r) == 1 for r in results)
     assert sum(s.items for s in stats) == 20
+    assert isinstance(refused, QueueFull)  # a draining batcher takes no new work
