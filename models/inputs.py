@@ -16,9 +16,10 @@ Conventions (DESIGN.md section 3):
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -283,24 +284,36 @@ def parse_item(obj: object, where: str = "item") -> Item:
 ITEM_FIELDS = ("messages", "prompt", "response", "text")
 
 
+def jsonl_objects(
+    path: str | os.PathLike, error: type[Exception] = InvalidItem
+) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file (gzip-compressed when it ends in .gz).
+
+    A line that is not a JSON object raises `error` naming the file and line: `items.jsonl:7: not valid JSON ...`.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                kind = "None" if row is None else type(row).__name__
+                raise error(f"{path}:{lineno}: expected a JSON object, got {kind}")
+            yield lineno, row
+
+
 def read_items_jsonl(path: str | os.PathLike) -> tuple[list[Item], list[dict], list[int]]:
     """Items from a JSONL file, each line's other fields (ids and the like) to carry through, and line numbers.
 
     Errors name the file and line: `items.jsonl:7: messages[1].role: ...`.
     """
     items, extras, lines = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidItem(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise InvalidItem(f"{where}: expected a JSON object, got {type(row).__name__}")
-            items.append(parse_item({k: v for k, v in row.items() if k in ITEM_FIELDS}, where))
-            extras.append({k: v for k, v in row.items() if k not in ITEM_FIELDS})
-            lines.append(lineno)
+    for lineno, row in jsonl_objects(path):
+        items.append(parse_item({k: v for k, v in row.items() if k in ITEM_FIELDS}, f"{path}:{lineno}"))
+        extras.append({k: v for k, v in row.items() if k not in ITEM_FIELDS})
+        lines.append(lineno)
     return items, extras, lines

@@ -30,7 +30,7 @@ from typing import IO, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from models.errors import PolyrewardError, describe
-from models.inputs import Message
+from models.inputs import Message, jsonl_objects
 from models.objectives import Objective
 from training.examples import BonExample, Examples, PairExample, RatingExample
 
@@ -372,17 +372,7 @@ def _open_text(path: Path, newline: str | None = None) -> IO[str]:
 
 
 def _jsonl_rows(path: Path, _split: str) -> Iterator[tuple[int, Row]]:
-    with _open_text(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {_type(row)}")
-            yield number, row
+    return jsonl_objects(path, DataError)
 
 
 def _json_rows(path: Path, _split: str) -> Iterator[tuple[int, Row]]:
