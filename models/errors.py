@@ -11,10 +11,15 @@ class PolyrewardError(Exception):
 
 def describe(error: ValidationError, limit: int = 3) -> str:
     """`messages[1].role: Input should be ...; input.max_length: ...` (at most `limit` errors)."""
+    return describe_errors(error.errors(), limit)
+
+
+def describe_errors(errors: list, limit: int = 3) -> str:
+    """`describe` for pydantic's error dicts (e.g. FastAPI's, whose locations start with "body")."""
     parts = []
-    for err in error.errors()[:limit]:
+    for err in errors[:limit]:
         path = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{path}: {msg}" if path else msg)
-    more = len(error.errors()) - limit
+    more = len(errors) - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

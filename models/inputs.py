@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tokenizers import Tokenizer
 
 from models.errors import PolyrewardError, describe
-from models.manifest import InputPolicy
+from models.manifest import InputPolicy, Truncation
 
 Kind = Literal["encoder", "decoder"]
 # Leading / trailing special tokens (BOS, CLS / SEP, EOS) kept through truncation; at most this many each.
@@ -41,12 +41,26 @@ class Message(BaseModel):
     content: str
 
 
+def exactly_one_of(*groups: tuple[str, ...]) -> dict:
+    """JSON Schema for "exactly one of these groups of fields" (what the model validators check), so that
+    OpenAPI clients and fuzzers see the real shape."""
+    fields = {f for g in groups for f in g}
+    return {
+        "oneOf": [
+            {"required": list(g), "not": {"anyOf": [{"required": [f]} for f in sorted(fields - set(g))]}}
+            for g in groups
+        ]
+    }
+
+
 class Item(BaseModel):
     """One conversation to score: exactly one of `messages`, `prompt`+`response`, or `text`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra=exactly_one_of(("messages",), ("prompt", "response"), ("text",))
+    )
     messages: list[Message] | None = Field(
-        None, description="a chat whose last message is the assistant reply"
+        None, min_length=1, description="a chat whose last message is the assistant reply"
     )
     prompt: str | None = Field(None, description="a user prompt; needs `response`")
     response: str | None = Field(None, description="the assistant reply to `prompt`")
@@ -60,8 +74,6 @@ class Item(BaseModel):
         if self.messages is not None:
             if len(given) > 1:
                 raise ValueError(f"give either messages, prompt+response or text, not {' and '.join(given)}")
-            if not self.messages:
-                raise ValueError("messages: must not be empty")
             if self.messages[-1].role != "assistant":
                 raise ValueError(
                     f"messages[{len(self.messages) - 1}].role: the last message must be the assistant reply "
@@ -94,9 +106,9 @@ class Item(BaseModel):
 
 class InputTooLong(PolyrewardError, ValueError):
     def __init__(self, index: int, tokens: int, max_length: int):
-        self.index = index
+        self.index, self.tokens, self.max_length = index, tokens, max_length
         super().__init__(
-            f"item {index}: {tokens} tokens exceeds max_length {max_length} (truncation is set to 'error')"
+            f"items[{index}]: {tokens} tokens exceeds max_length {max_length} (truncation is set to 'error')"
         )
 
 
@@ -172,8 +184,12 @@ class InputBuilder:
         prompt = self.render(messages[:-1])
         return _shared_prefix(prompt, full), full
 
-    def encode(self, items: Sequence[Item]) -> list[Encoded]:
-        """Tokenize a list of items (in one Rust call) and apply truncation; results in input order."""
+    def encode(self, items: Sequence[Item], truncation: Truncation | None = None) -> list[Encoded]:
+        """Tokenize a list of items (in one Rust call) and apply truncation; results in input order.
+
+        `truncation` overrides the artifact's policy for this call ("error" refuses over-long items).
+        """
+        refuse = (truncation or self.policy.truncation) == "error"
         parts = [self.split(it) for it in items]
         encodings = self._tok.encode_batch([full for _, full in parts], add_special_tokens=self._add_special)
         prompt_ids: dict[str, list[int]] = {}
@@ -190,20 +206,22 @@ class InputBuilder:
                 gating_pos = max(
                     (j for j, (_, end) in enumerate(enc.offsets) if 0 < end <= n_prompt), default=0
                 )
-            ids, gating_pos, truncated = self._truncate(i, ids, gating_pos)
+            ids, gating_pos, truncated = self._truncate(i, ids, gating_pos, refuse)
             p_ids = None
             if self.kind == "encoder":
-                p_ids, _, p_trunc = self._truncate(i, prompt_ids[prompt] or ids[:1], 0)
+                p_ids, _, p_trunc = self._truncate(i, prompt_ids[prompt] or ids[:1], 0, refuse)
                 truncated = truncated or p_trunc
                 p_ids = tuple(p_ids)
             out.append(Encoded(tuple(ids), gating_pos, p_ids, truncated))
         return out
 
-    def _truncate(self, index: int, ids: list[int], gating_pos: int) -> tuple[list[int], int, bool]:
+    def _truncate(
+        self, index: int, ids: list[int], gating_pos: int, refuse: bool
+    ) -> tuple[list[int], int, bool]:
         max_len = self.policy.max_length
         if len(ids) <= max_len:
             return ids, gating_pos, False
-        if self.policy.truncation == "error":
+        if refuse:
             raise InputTooLong(index, len(ids), max_len)
         head = _run_length(ids, self._special)
         drop = len(ids) - max_len

@@ -45,12 +45,15 @@ class HeadInfo(_Strict):
     gating_n_hidden: int | None = None
 
 
+Truncation = Literal["left", "error"]
+
+
 class InputPolicy(_Strict):
     template: Literal["chat", "plain"] = Field(
         description="chat: the tokenizer's chat template; plain: 'Role: content' turns joined by blank lines"
     )
     max_length: int = Field(ge=8, description="tokens per sequence; longer inputs are truncated or refused")
-    truncation: Literal["left", "error"] = Field(
+    truncation: Truncation = Field(
         "left",
         description="left: drop the oldest prompt tokens, then the start of the response; error: refuse",
     )

@@ -6,7 +6,9 @@ every response carries `x-request-id` and timing headers.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import math
 import time
 import uuid
@@ -17,17 +19,21 @@ from pathlib import Path
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import PolyrewardError
+from models.errors import PolyrewardError, describe, describe_errors
 from models.inputs import InputTooLong, Item
+from models.manifest import Truncation
 from models.scorer import Scorer, ScoreResult
 from service.batcher import Batcher, QueueFull, Timing
 from service.metrics import Metrics
 from service.schemas import (
+    SCORING_ERRORS,
     CompareRequest,
     CompareResponse,
     ItemResult,
@@ -37,7 +43,10 @@ from service.schemas import (
     ScoreRequest,
     ScoreResponse,
     Usage,
+    error_responses,
 )
+
+log = logging.getLogger("polyreward.service")
 
 
 class Settings(BaseSettings):
@@ -55,6 +64,9 @@ class Settings(BaseSettings):
     max_items_per_request: int = Field(256, ge=1)
     max_body_bytes: int = Field(8 << 20, ge=1024)
     request_timeout: float = Field(60.0, gt=0, description="seconds before a request answers 504")
+    drain_seconds: float = Field(
+        5.0, ge=0, description="after SIGTERM: /ready answers 503 this long while requests are still served"
+    )
 
     def api_key_list(self) -> list[str]:
         keys = list(self.api_keys)
@@ -85,7 +97,6 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
     metrics = Metrics()
     keys = [k.encode() for k in settings.api_key_list()]
     models: dict[str, LoadedModel] = {}
-    state = {"ready": False}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -107,18 +118,19 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
             metrics.model_info.labels(
                 name, scorer.manifest.version, scorer.precision, scorer.providers[0]
             ).set(1)
-        state["ready"] = True
+        app.state.ready = True
         yield
-        state["ready"] = False
+        app.state.ready = False
         for m in models.values():
             m.batcher.stop(timeout=settings.request_timeout)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from packaged assets: clusters are often air-gapped
         title="polyreward",
         version="0.1.0",
         description="Vector rewards from multi-objective reward models.",
         lifespan=lifespan,
     )
+    app.state.ready = False  # set when models are loaded and warm; cleared while draining (service.cli)
     app.state.models = models
     app.state.metrics = metrics
 
@@ -134,7 +146,11 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
                 413, "body_too_large", f"body is {length} bytes; the limit is {settings.max_body_bytes}"
             )
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as e:  # a failed batch, a bug: still a JSON error with headers and metrics
+                log.exception("%s %s failed", request.method, request.url.path)
+                response = _error(500, "internal", f"{type(e).__name__}: {e}")
         total = time.perf_counter() - started
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
@@ -152,6 +168,11 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
     async def api_error(_request: Request, e: ApiError):
         return _error(e.status, e.kind, e.message, e.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException):  # unknown route, bad method, bad body
+        kind = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http")
+        return _error(e.status_code, kind, str(e.detail), getattr(e, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, e: RequestValidationError):
         first = e.errors()[0]
@@ -161,8 +182,12 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
                 "invalid_json",
                 f"body: not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})",
             )
-        loc = ".".join(str(x) for x in first["loc"][1:]) or "body"
-        return _error(422, "invalid_request", f"{loc}: {first['msg']}")
+        errors = [{**err, "loc": err["loc"][1:] or ("body",)} for err in e.errors()]  # drop "body"
+        return _error(422, "invalid_request", describe_errors(errors, limit=1))
+
+    @app.exception_handler(ValidationError)
+    async def invalid_value(_request: Request, e: ValidationError):
+        return _error(422, "invalid_request", describe(e, limit=1))
 
     def authorize(request: Request) -> None:
         if not keys:
@@ -184,7 +209,13 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
             )
         return models[name]
 
-    async def run(request: Request, model: LoadedModel, items: list[Item]) -> list[ScoreResult]:
+    async def run(
+        request: Request,
+        model: LoadedModel,
+        items: list[Item],
+        truncation: Truncation | None = None,
+        where=lambda i: f"items[{i}]",
+    ) -> list[ScoreResult]:
         if len(items) > settings.max_items_per_request:
             metrics.rejections.labels("too_many_items").inc()
             raise ApiError(
@@ -192,8 +223,17 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
                 "too_many_items",
                 f"items: {len(items)} items; the limit is {settings.max_items_per_request}",
             )
+        work = asyncio.ensure_future(
+            model.batcher.score_timed(items, timeout=settings.request_timeout, truncation=truncation)
+        )
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            results, timing = await model.batcher.score_timed(items, timeout=settings.request_timeout)
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # the client went away: its items leave the queue
+                work.cancel()
+                metrics.rejections.labels("client_disconnected").inc()
+                raise ApiError(499, "client_disconnected", "the client closed the connection")
+            results, timing = work.result()
         except QueueFull as e:
             metrics.rejections.labels("queue_full").inc()
             raise ApiError(
@@ -203,8 +243,15 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
             metrics.rejections.labels("timeout").inc()
             raise ApiError(504, "timeout", f"not scored within {settings.request_timeout:g}s") from None
         except InputTooLong as e:
-            raise ApiError(422, "input_too_long", f"items[{e.index}]: {e}") from None
+            metrics.rejections.labels("input_too_long").inc()
+            raise ApiError(
+                422,
+                "input_too_long",
+                f"{where(e.index)}: {e.tokens} tokens exceeds max_length {e.max_length} "
+                "and truncation is 'error'",
+            ) from None
         finally:
+            gone.cancel()
             metrics.queue_depth.labels(model.name).set(model.batcher.queue_depth)
         request.state.timing = timing
         truncated = sum(r.truncated for r in results)
@@ -212,7 +259,13 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
             metrics.truncations.labels(model.name).inc(truncated)
         return results
 
-    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, dependencies=auth)
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        response_model_exclude_none=True,
+        dependencies=auth,
+        responses=SCORING_ERRORS,
+    )
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Vector rewards for each item: per-objective rewards, gating weights and the gated score."""
         model = pick(body.model)
@@ -228,7 +281,7 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
         calibration = model.scorer.manifest.calibration or {}
         if body.normalize and not calibration:
             raise ApiError(422, "no_calibration", f"normalize: model {model.name!r} has no calibration stats")
-        results = await run(request, model, body.items)
+        results = await run(request, model, body.items, body.truncation)
         out = []
         for r in results:
             rewards = np.array(r.rewards)
@@ -255,12 +308,18 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
             usage=Usage(items=len(results), tokens=sum(r.tokens for r in results)),
         )  # fmt: skip
 
-    @app.post("/v1/compare", response_model=CompareResponse, dependencies=auth)
+    @app.post("/v1/compare", response_model=CompareResponse, dependencies=auth, responses=SCORING_ERRORS)
     async def compare(body: CompareRequest, request: Request) -> CompareResponse:
         """P(chosen ≻ rejected) for each pair, overall and per objective."""
         model = pick(body.model)
         items = [it for p in body.pairs for it in p.items()]
-        results = await run(request, model, items)
+        results = await run(
+            request,
+            model,
+            items,
+            body.truncation,
+            lambda i: f"pairs[{i // 2}].{('chosen', 'rejected')[i % 2]}",
+        )
         sigmoid = lambda x: float(1 / (1 + math.exp(-x)))  # noqa: E731
         out = []
         for c, r in zip(results[0::2], results[1::2], strict=True):
@@ -271,7 +330,7 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
             out.append(PairResult(p_chosen=sigmoid(c.score - r.score), objectives=per))
         return CompareResponse(model=model.name, results=out)
 
-    @app.post("/get_reward", response_model=RewardResponse, dependencies=auth)
+    @app.post("/get_reward", response_model=RewardResponse, dependencies=auth, responses=SCORING_ERRORS)
     async def get_reward(body: RewardRequest, request: Request) -> RewardResponse:
         """OpenRLHF's remote reward protocol: `query` holds whole templated conversations."""
         model = pick(None)
@@ -280,7 +339,7 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
         logs = {n: [r.rewards[k] for r in results] for k, n in enumerate(model.scorer.objectives)}
         return RewardResponse(rewards=scores, scores=scores, extra_logs=logs)
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=error_responses(401))
     async def list_models() -> dict:
         """Loaded models: objectives, backbone, precision, providers, max length, version."""
         return {
@@ -303,16 +362,24 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=error_responses(503))
     async def ready():
-        if not state["ready"]:
+        if not app.state.ready:
             return _error(503, "not_ready", "models are loading or the server is draining")
         return {"status": "ready", "models": list(models)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
+        """Prometheus text exposition: every series is prefixed `polyreward_`."""
         for m in models.values():
             metrics.queue_depth.labels(m.name).set(m.batcher.queue_depth)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the body is already read, so the next ASGI message
+    is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from models.batching import plan_batches
 from models.inputs import Encoded, Item
+from models.manifest import Truncation
 from models.scorer import Scorer, ScoreResult
 
 log = logging.getLogger("polyreward.batcher")
@@ -112,24 +113,26 @@ class Batcher:
             t.join(timeout)
         self._tokenize.shutdown(wait=False)
 
-    async def encode(self, items: Sequence[Item]) -> list[Encoded]:
+    async def encode(self, items: Sequence[Item], truncation: Truncation | None = None) -> list[Encoded]:
         """Tokenize off the event loop (raises `InputTooLong` when the policy refuses over-long items)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenize, self.scorer.builder.encode, list(items))
+        return await loop.run_in_executor(self._tokenize, self.scorer.builder.encode, list(items), truncation)
 
-    async def score(self, items: Sequence[Item], *, timeout: float | None = None) -> list[ScoreResult]:
+    async def score(
+        self, items: Sequence[Item], *, timeout: float | None = None, truncation: Truncation | None = None
+    ) -> list[ScoreResult]:
         """Score one request's items through the shared queue; results in input order."""
-        return (await self.score_timed(items, timeout=timeout))[0]
+        return (await self.score_timed(items, timeout=timeout, truncation=truncation))[0]
 
     async def score_timed(
-        self, items: Sequence[Item], *, timeout: float | None = None
+        self, items: Sequence[Item], *, timeout: float | None = None, truncation: Truncation | None = None
     ) -> tuple[list[ScoreResult], Timing]:
         """Like `score`, plus the request's longest queue wait and inference time.
 
         Raises QueueFull when the queue cap would be exceeded, TimeoutError when `timeout` passes first (its
         items then leave the queue), and the inference error when its batch failed.
         """
-        encoded = await self.encode(items)
+        encoded = await self.encode(items, truncation)
         loop = asyncio.get_running_loop()
         with self._cond:
             if self._stopping:

@@ -42,6 +42,9 @@ def serve(
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|tensorrt")] = None,
     max_queue_items: Annotated[int | None, typer.Option(help="queued items before 429")] = None,
     request_timeout: Annotated[float | None, typer.Option(help="seconds before 504")] = None,
+    drain_seconds: Annotated[
+        float | None, typer.Option(help="after SIGTERM, seconds /ready answers 503 before shutdown [5]")
+    ] = None,
 ) -> None:
     """Serve vector rewards over HTTP: /v1/score, /v1/compare, /get_reward (OpenRLHF), /v1/models, /metrics.
 
@@ -51,11 +54,17 @@ def serve(
     import uvicorn
 
     from service.app import Settings, create_app
+    from service.server import DrainingServer
 
     flags = {
         "api_key_file": api_key_file, "precision": precision, "device": device,
         "max_queue_items": max_queue_items, "request_timeout": request_timeout,
+        "drain_seconds": drain_seconds,
     }  # fmt: skip
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     app = create_app(artifacts or [default_artifact()], settings)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", access_log=False,
+        timeout_graceful_shutdown=int(settings.request_timeout) + 5,
+    )  # fmt: skip
+    DrainingServer(config, settings.drain_seconds).run()

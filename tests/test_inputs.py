@@ -104,8 +104,13 @@ def test_truncation_keeps_the_end_of_the_response_and_the_leading_special(kind, 
         # the gating token moved with the cut and is still the prompt's closing <|eot_id|>
         assert cut.input_ids[cut.gating_pos] == full.input_ids[full.gating_pos]
         assert cut.tokens - cut.gating_pos == full.tokens - full.gating_pos
-    with pytest.raises(InputTooLong, match=r"item 0: .* exceeds max_length 64"):
+    with pytest.raises(InputTooLong, match=r"items\[0\]: .* exceeds max_length 64"):
         builder(tok, kind, max_length=64, truncation="error").encode([item])
+    with pytest.raises(InputTooLong, match=r"items\[0\]: "):  # a per-call override of a "left" policy
+        builder(tok, kind, max_length=64).encode([item], truncation="error")
+    assert (
+        builder(tok, kind, max_length=64, truncation="error").encode([item], truncation="left")[0].truncated
+    )
 
 
 def test_response_longer_than_max_length_keeps_its_end():

@@ -6,10 +6,14 @@ import asyncio
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -31,6 +35,7 @@ def free_port() -> int:
 @contextmanager
 def server(artifact, **env):
     port = free_port()
+    env = {"drain_seconds": "0", **env}
     environ = {**os.environ, "HF_HUB_OFFLINE": "1", **{f"POLYREWARD_{k.upper()}": v for k, v in env.items()}}
     proc = subprocess.Popen(
         [POLYREWARD, "serve", artifact, "--port", str(port)],
@@ -48,7 +53,7 @@ def server(artifact, **env):
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -61,7 +66,7 @@ def artifact(export_family):
 
 @pytest.fixture(scope="module")
 def url(artifact):
-    with server(artifact) as u:
+    with server(artifact) as (u, _):
         yield u
 
 
@@ -145,13 +150,140 @@ def test_bad_requests_get_named_4xx_errors(url):
     assert "'nope'" in error_of(post({"model": "nope", "items": [ITEM]}), 404)
     assert "weights" in error_of(post({"items": [ITEM], "weights": {"nope": 1.0}}), 422)
     assert "query" in error_of(httpx.post(f"{url}/get_reward", json={"prompts": ["x"]}), 422)
+    assert "query[0]" in error_of(httpx.post(f"{url}/get_reward", json={"query": [""]}), 422)
+    assert "items[0].messages" in error_of(post({"items": [{"messages": []}]}), 422)
+    not_utf8 = httpx.post(
+        f"{url}/v1/score", content=b"\xff\xfe", headers={"content-type": "application/json"}
+    )
+    assert error_of(not_utf8, 400)
+    assert error_of(httpx.get(f"{url}/nope"), 404) == "Not Found"
+
+    long = {"prompt": "word " * 2000, "response": "ok"}
+    assert post({"items": [ITEM, long]}).json()["results"][1]["truncated"] is True  # the default policy
+    message = error_of(post({"items": [ITEM, long], "truncation": "error"}), 422)
+    assert re.match(r"items\[1\]: \d+ tokens exceeds max_length \d+ and truncation is 'error'", message)
+    pair = {"prompt": "hi", "chosen": "fine", "rejected": "word " * 2000}
+    message = error_of(httpx.post(f"{url}/v1/compare", json={"pairs": [pair], "truncation": "error"}), 422)
+    assert message.startswith("pairs[0].rejected: ")
+
+
+def test_schemathesis_finds_no_server_errors(url):
+    """Property-based requests generated from /openapi.json: no 5xx, documented statuses and content types,
+    responses matching their schemas. (`positive_data_acceptance` is left out: the OpenAPI schema cannot say
+    that the last message must be the assistant's.)"""
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+    proc = subprocess.run(
+        [str(Path(POLYREWARD).with_name("schemathesis")), "run", f"{url}/openapi.json", "--checks", checks,
+         "--phases", "examples,fuzzing", "--max-examples", "60", "--seed", "7", "--workers", "1",
+         "--max-time", "120"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert re.search(r"\b[1-9]\d* passed", proc.stdout), proc.stdout[-2000:]
+
+
+def test_metrics_pass_promtool(url):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
+    httpx.post(f"{url}/v1/score", json={"items": [ITEM]})
+    text = httpx.get(f"{url}/metrics").content
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert b"polyreward_requests_total" in text and b"polyreward_batch_size_bucket" in text
+
+
+def test_docs_render_without_network(url):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+             "--virtual-time-budget=5000", "--dump-dom", f"{url}/docs"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    # Swagger UI built the page from /openapi.json: one operation block per route, none from a CDN.
+    rendered = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', proc.stdout))
+    assert {"/v1/score", "/v1/compare", "/get_reward", "/v1/models", "/metrics"} <= rendered, proc.stdout[
+        -2000:
+    ]
+    assert "cdn.jsdelivr" not in httpx.get(f"{url}/docs").text
+
+
+def test_client_disconnect_frees_its_items(artifact, mixed_items):
+    """A client that gives up while its items wait: they leave the queue (not scored), counted as a rejection."""
+    with server(artifact) as (u, _):
+        backlog = [it.model_dump(exclude_none=True) for it in mixed_items] * 2
+
+        async def run():
+            async with httpx.AsyncClient(timeout=120) as client:
+                load = asyncio.ensure_future(client.post(f"{u}/v1/score", json={"items": backlog}))
+                await asyncio.sleep(0.3)  # the backlog is queued or running
+                with pytest.raises(httpx.ReadTimeout):
+                    await client.post(f"{u}/v1/score", json={"items": [ITEM] * 32}, timeout=0.2)
+                assert (await load).status_code == 200
+
+        asyncio.run(run())
+        deadline = time.monotonic() + 30
+        while "client_disconnected" not in (text := httpx.get(f"{u}/metrics").text):
+            assert time.monotonic() < deadline, "no disconnect recorded"
+            time.sleep(0.1)
+        scored = float(re.search(r"^polyreward_items_scored_total\{[^}]*\} (\S+)", text, re.M).group(1))
+        assert scored == len(backlog)  # the 32 abandoned items were dropped, not scored
+
+
+def test_sigterm_drains(artifact):
+    """SIGTERM under load: /ready answers 503 while requests are still served, every request that got an
+    answer got a 200, and the server exits once in-flight work is done."""
+    with server(artifact, drain_seconds="2") as (u, proc):
+        answered: list[tuple[float, int]] = []
+        refused = 0
+        sent = 0
+
+        async def client(c: int, http: httpx.AsyncClient):
+            nonlocal refused, sent
+            for k in range(200):  # bounded: stops at the first refused connection
+                sent += 1
+                try:
+                    r = await http.post(
+                        f"{u}/v1/score", json={"items": [{"prompt": f"q{c}", "response": "word " * (k % 50)}]}
+                    )
+                except httpx.TransportError:
+                    refused += 1
+                    return
+                answered.append((time.monotonic(), r.status_code))
+
+        async def run():
+            async with httpx.AsyncClient(timeout=60) as http, httpx.AsyncClient(timeout=5) as probe:
+                clients = [asyncio.ensure_future(client(c, http)) for c in range(16)]
+                await asyncio.sleep(1.0)
+                proc.terminate()
+                signalled = time.monotonic()
+                statuses = []
+                while time.monotonic() - signalled < 20:
+                    try:
+                        statuses.append((await probe.get(f"{u}/ready")).status_code)
+                    except httpx.TransportError:
+                        break
+                    await asyncio.sleep(0.1)
+                await asyncio.wait_for(asyncio.gather(*clients), 60)
+                return signalled, statuses
+
+        signalled, statuses = asyncio.run(run())
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert 503 in statuses and 200 not in statuses[statuses.index(503) :], statuses
+        assert {code for _, code in answered} == {200}
+        assert any(t > signalled + 1 for t, _ in answered)  # still served while draining
+        assert len(answered) + refused == sent
 
 
 def test_limits_auth_and_queue_cap(artifact, mixed_items):
     keys = json.dumps(["secret-1", "secret-2"])
     with server(
         artifact, api_keys=keys, max_items_per_request="4", max_body_bytes="65536", max_queue_items="8"
-    ) as u:
+    ) as (u, _):
         auth = {"Authorization": "Bearer secret-2"}
         for route, body in [("/v1/score", {"items": [ITEM]}), ("/get_reward", {"query": ["x"]})]:
             assert error_of(httpx.post(f"{u}{route}", json=body), 401)
