@@ -1,0 +1,278 @@
+"""Python clients for the scoring service, and TRL reward functions backed by it.
+
+    from service.client import RewardClient
+    with RewardClient("http://127.0.0.1:8000", api_key="...") as rm:
+        out = rm.score([{"prompt": "2+2?", "response": "4"}], return_=["gating", "uncertainty"])
+        out.results[0].rewards          # one reward per objective, in out.objectives order
+
+`AsyncRewardClient` is the same with `await`. Both retry what is worth retrying: 429 (queue full) and 503
+(draining) after the server's `Retry-After`, connection failures and 502/504 with exponential backoff and
+jitter, up to `retries` times; any other error raises `ServiceError` naming the server's error type and message.
+Large requests are split into `max_items_per_request` chunks (the server's limit; default 256).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import httpx
+
+from service.schemas import (
+    CompareResponse,
+    RewardResponse,
+    ScoreResponse,
+)
+
+RETRY_STATUSES = {429, 502, 503, 504}
+
+
+class ServiceError(Exception):
+    """An error answer from the service (or retries exhausted): `status`, `type`, `message`."""
+
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(f"{status} {kind}: {message}")
+        self.status, self.type, self.message = status, kind, message
+
+
+class _Base:
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_items_per_request: int = 256,
+    ):
+        self.url = url.rstrip("/")
+        self.model = model
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.chunk = max_items_per_request
+        self._http_args: dict[str, Any] = {
+            "base_url": self.url,
+            "timeout": timeout,
+            "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
+        }
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float | None:
+        """Seconds to wait before retry number `attempt + 1`, or None when the answer is final."""
+        if attempt >= self.retries or (response is not None and response.status_code not in RETRY_STATUSES):
+            return None
+        wait = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+        after = response.headers.get("retry-after") if response is not None else None
+        if after is not None:
+            with contextlib.suppress(ValueError):  # an HTTP date: keep the backoff
+                wait = max(wait, min(float(after), self.max_backoff))
+        return wait
+
+    @staticmethod
+    def _result(response: httpx.Response) -> dict:
+        if response.status_code == 200:
+            return response.json()
+        try:
+            error = response.json()["error"]
+            kind, message = error["type"], error["message"]
+        except (ValueError, KeyError, TypeError):
+            kind, message = "http", response.text[:500]
+        raise ServiceError(response.status_code, kind, message)
+
+    def _score_bodies(self, items: Sequence[dict], **options) -> Iterator[dict]:
+        options = {k: v for k, v in options.items() if v is not None}
+        if "return_" in options:
+            options["return"] = list(options.pop("return_"))
+        model = options.pop("model", None) or self.model
+        for start in range(0, len(items), self.chunk):
+            yield {"items": list(items[start : start + self.chunk]), "model": model, **options}
+
+    @staticmethod
+    def _merge_scores(parts: list[dict]) -> ScoreResponse:
+        first = parts[0]
+        return ScoreResponse(
+            model=first["model"],
+            objectives=first["objectives"],
+            results=[r for p in parts for r in p["results"]],
+            usage={k: sum(p["usage"][k] for p in parts) for k in ("items", "tokens")},
+        )
+
+
+class RewardClient(_Base):
+    """Synchronous client (httpx): `score`, `compare`, `get_reward`, `models`. Use as a context manager."""
+
+    def __init__(self, url: str, **kwargs):
+        super().__init__(url, **kwargs)
+        self._http = httpx.Client(**self._http_args)
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, path, json=body)
+            except httpx.TransportError:
+                if (wait := self._delay(attempt, None)) is None:
+                    raise
+            else:
+                if (wait := self._delay(attempt, response)) is None:
+                    return self._result(response)
+            time.sleep(wait)
+            attempt += 1
+
+    def score(
+        self,
+        items: Sequence[dict],
+        *,
+        weights: dict[str, float] | None = None,
+        normalize: bool | None = None,
+        return_: Sequence[str] | None = None,
+        truncation: str | None = None,
+        model: str | None = None,
+    ) -> ScoreResponse:
+        """Vector rewards for items ({"messages"} | {"prompt", "response"} | {"text"}), in input order."""
+        bodies = self._score_bodies(
+            items, weights=weights, normalize=normalize, return_=return_, truncation=truncation, model=model
+        )
+        return self._merge_scores([self._request("POST", "/v1/score", b) for b in bodies])
+
+    def compare(self, pairs: Sequence[dict], *, model: str | None = None) -> CompareResponse:
+        """P(chosen ≻ rejected) for pairs {"prompt" | "messages", "chosen", "rejected"}."""
+        body = {"pairs": list(pairs), "model": model or self.model}
+        return CompareResponse.model_validate(self._request("POST", "/v1/compare", body))
+
+    def get_reward(self, query: Sequence[str], prompts: Sequence[str] | None = None) -> RewardResponse:
+        """OpenRLHF's protocol: rewards for templated conversations."""
+        body = {"query": list(query), "prompts": list(prompts) if prompts is not None else None}
+        return RewardResponse.model_validate(self._request("POST", "/get_reward", body))
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models")["models"]
+
+
+class AsyncRewardClient(_Base):
+    """Asynchronous client (httpx.AsyncClient); chunks of a large request are sent concurrently."""
+
+    def __init__(self, url: str, **kwargs):
+        super().__init__(url, **kwargs)
+        self._http = httpx.AsyncClient(**self._http_args)
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, path, json=body)
+            except httpx.TransportError:
+                if (wait := self._delay(attempt, None)) is None:
+                    raise
+            else:
+                if (wait := self._delay(attempt, response)) is None:
+                    return self._result(response)
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def score(
+        self,
+        items: Sequence[dict],
+        *,
+        weights: dict[str, float] | None = None,
+        normalize: bool | None = None,
+        return_: Sequence[str] | None = None,
+        truncation: str | None = None,
+        model: str | None = None,
+    ) -> ScoreResponse:
+        bodies = self._score_bodies(
+            items, weights=weights, normalize=normalize, return_=return_, truncation=truncation, model=model
+        )
+        parts = await asyncio.gather(*(self._request("POST", "/v1/score", b) for b in bodies))
+        return self._merge_scores(list(parts))
+
+    async def compare(self, pairs: Sequence[dict], *, model: str | None = None) -> CompareResponse:
+        body = {"pairs": list(pairs), "model": model or self.model}
+        return CompareResponse.model_validate(await self._request("POST", "/v1/compare", body))
+
+    async def get_reward(self, query: Sequence[str], prompts: Sequence[str] | None = None) -> RewardResponse:
+        body = {"query": list(query), "prompts": list(prompts) if prompts is not None else None}
+        return RewardResponse.model_validate(await self._request("POST", "/get_reward", body))
+
+    async def models(self) -> list[dict]:
+        return (await self._request("GET", "/v1/models"))["models"]
+
+
+def trl_item(prompt: str | list[dict], completion: str | list[dict]) -> dict:
+    """One TRL (prompt, completion) as a scoring item: plain text becomes prompt+response; conversational
+    prompts (message lists) and completions ([{"role": "assistant", "content": ...}]) become messages."""
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return {"prompt": prompt, "response": completion}
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if isinstance(completion, str):
+        completion = [{"role": "assistant", "content": completion}]
+    messages += [{"role": m.get("role", "assistant"), "content": m["content"]} for m in completion]
+    return {"messages": messages}
+
+
+def as_trl_reward_funcs(
+    url: str,
+    objectives: Sequence[str] | None = None,
+    weights: dict[str, float] | None = None,
+    **client_options,
+) -> list[Callable[..., list[float]]]:
+    """Reward functions for TRL's `GRPOTrainer(reward_funcs=...)`: `f(prompts, completions, **kwargs)`.
+
+    * `objectives=["helpfulness", ...]`: one function per objective (TRL logs each by its `__name__`,
+      `polyreward_<objective>`, and sums them with `GRPOConfig.reward_weights`);
+    * `weights={"helpfulness": 1.0, "safety": 2.0}`: one function, `polyreward_weighted`, the weighted sum;
+    * neither: one function, `polyreward_score`, the model's own gated score.
+
+    The functions of one call share their last answer, so K per-objective functions score a batch once.
+    `client_options` go to `RewardClient` (api_key, model, timeout, retries, ...).
+    """
+    if objectives is not None and weights is not None:
+        raise ValueError("give objectives (one function each) or weights (one weighted function), not both")
+    client = RewardClient(url, **client_options)
+    names = client.score([{"prompt": "ping", "response": "pong"}]).objectives
+    unknown = sorted(set(objectives or weights or ()) - set(names))
+    if unknown:
+        raise ValueError(f"unknown objectives {unknown}; the model has {names}")
+    last: dict[str, Any] = {"key": None, "response": None}
+
+    def scored(prompts, completions) -> ScoreResponse:
+        items = [trl_item(p, c) for p, c in zip(prompts, completions, strict=True)]
+        key = repr(items)
+        if last["key"] != key:
+            last["response"], last["key"] = client.score(items, weights=weights, return_=[]), key
+        return last["response"]
+
+    def make(name: str, objective: int | None) -> Callable[..., list[float]]:
+        def reward(prompts, completions, **kwargs) -> list[float]:
+            results = scored(prompts, completions).results
+            return [r.score if objective is None else r.rewards[objective] for r in results]
+
+        reward.__name__ = reward.__qualname__ = name
+        return reward
+
+    if objectives is not None:
+        return [make(f"polyreward_{n}", names.index(n)) for n in objectives]
+    return [make("polyreward_weighted" if weights else "polyreward_score", None)]
