@@ -1,4 +1,4 @@
-# Two entry points (see README): `make demo` runs the main job, `make test` runs the checks.
+# Entry points (see README): `make serve` runs the main job, `make demo` scores offline, `make test` checks.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,8 +12,12 @@ $(BIN)/polyreward: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: install demo train test
+.PHONY: install serve demo train test
 install: $(BIN)/polyreward
+
+# The main job: serve the shipped default model (exported once into ~/.cache/polyreward) on 127.0.0.1:8000.
+serve: $(BIN)/polyreward
+	$(BIN)/polyreward serve
 
 demo: $(BIN)/polyreward
 	$(BIN)/polyreward export --default --out build/demo/artifact --overwrite
