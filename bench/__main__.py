@@ -1,12 +1,14 @@
-"""python -m bench offline [--artifact DIR] [--items N] [--repeats R]"""
+"""python -m bench offline [--artifact DIR] [--items N] [--repeats R]
+python -m bench load [--artifact DIR] [--clients C] [--duration D] [--precision fp32|int8 ...] [--items N]
+"""
 
 from __future__ import annotations
 
 import sys
 
-from bench import offline
+from bench import load, offline
 
-WORKLOADS = {"offline": offline.main}
+WORKLOADS = {"offline": offline.main, "load": load.main}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in WORKLOADS:

@@ -164,7 +164,9 @@ def score(
     ],
     precision: Annotated[str, typer.Option(help="auto|fp32|int8|fp16")] = "auto",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda|tensorrt")] = "auto",
-    token_budget: Annotated[int, typer.Option(help="max padded tokens per batch")] = 16384,
+    token_budget: Annotated[
+        int | None, typer.Option(help="max padded tokens per batch [512 on CPU, 16384 on GPU]")
+    ] = None,
     max_batch_items: Annotated[int, typer.Option(help="max items per batch")] = 64,
 ) -> None:
     """Score a JSONL file; writes one JSON line per input line to stdout (other input fields carried through)."""

@@ -55,13 +55,18 @@ class ScoreResult:
         )
 
 
+DEFAULT_TOKEN_BUDGET = {"cpu": 512, "gpu": 16384}
+
+
 class Scorer:
     """Loads an artifact (checking its files' sha256) and scores items with ONNX Runtime.
 
     precision: which graph to run; "auto" picks fp16 on CUDA when the artifact has it, else fp32.
     device: "auto" uses CUDA when onnxruntime-gpu sees a GPU, else the CPU. A GPU provider that was asked for
     but is not the one the session really runs on is reported loudly (`fallback` is then True).
-    token_budget / max_batch_items: a batch holds at most this many padded tokens / items.
+    token_budget / max_batch_items: a batch holds at most this many padded tokens / items. The default budget
+    is 512 tokens on a CPU (measured with MiniLM on 2 cores: one 256-token sequence already keeps the cores
+    busy, so bigger batches only add padding; 512 gave 1.6-2x the items/s of 16384) and 16384 on a GPU.
     """
 
     def __init__(
@@ -70,7 +75,7 @@ class Scorer:
         *,
         precision: Precision | Literal["auto"] = "auto",
         device: Device = "auto",
-        token_budget: int = 16384,
+        token_budget: int | None = None,
         max_batch_items: int = 64,
         threads: int | None = None,
     ):
@@ -93,7 +98,7 @@ class Scorer:
         self.device = device
         tokenizer = PreTrainedTokenizerFast.from_pretrained(self.artifact / TOKENIZER_DIR)
         self.builder = InputBuilder(tokenizer, self.manifest.backbone.kind, self.manifest.input)
-        self.token_budget = token_budget
+        self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET["cpu" if device == "cpu" else "gpu"]
         self.max_batch_items = max_batch_items
 
         options = ort.SessionOptions()

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     api_key_file: Path | None = Field(None, description="file with one API key per line")
     precision: str = "auto"
     device: str = "auto"
-    token_budget: int = Field(16384, ge=64)
+    token_budget: int | None = Field(None, ge=64, description="padded tokens per batch [512 CPU, 16384 GPU]")
     max_batch_items: int = Field(64, ge=1)
     max_wait_ms: float = Field(2.0, ge=0)
     max_queue_items: int = Field(4096, ge=1)
@@ -189,7 +189,7 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
     async def invalid_value(_request: Request, e: ValidationError):
         return _error(422, "invalid_request", describe(e, limit=1))
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:  # async: no worker-thread hop per request
         if not keys:
             return
         header = request.headers.get("authorization", "")

@@ -3,8 +3,9 @@
 Rollout workers send many concurrent single-item requests. Each model gets one `Batcher`: requests tokenize
 off the event loop, their items join one queue, and two threads turn the queue into batches:
 
-* the *prepare* thread takes a length-sorted window of the oldest waiting items, picks the batch (under the
-  padded-token budget and the item cap) that holds the oldest item, and collates it, while
+* the *prepare* thread, as soon as the device has taken the previous batch, takes a length-sorted window of
+  the oldest waiting items, picks the batch (under the padded-token budget and the item cap) that holds the
+  oldest item, and collates it, while
 * the *infer* thread runs the previous batch through ONNX Runtime and resolves its futures.
 
 So the next batch is ready the moment the device is free. When the device is busy, the prepare thread waits up
@@ -87,6 +88,9 @@ class Batcher:
         self._pending: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._prepared: queue.Queue = queue.Queue(maxsize=1)
+        # At most one batch prepared ahead: the next one is picked only once the device has taken the last one,
+        # so it is formed from everything that arrived meanwhile (fuller, better-sorted batches).
+        self._slot = threading.Semaphore(1)
         self._busy = threading.Event()  # the infer thread is running a batch
         self._stopping = False
         self._tokenize = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
@@ -184,17 +188,19 @@ class Batcher:
             return batch
 
     def _prepare_loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        while self._slot.acquire() and (batch := self._next_batch()) is not None:
             try:
                 feeds = self.scorer.collate([p.encoded for p in batch])
             except Exception as e:
                 _fail(batch, e)
+                self._slot.release()
                 continue
             self._prepared.put((batch, feeds))
         self._prepared.put(None)
 
     def _infer_loop(self) -> None:
         while (job := self._prepared.get()) is not None:
+            self._slot.release()
             batch, feeds = job
             started = time.monotonic()
             self._busy.set()
