@@ -182,7 +182,7 @@ def score(
     try:
         results = scorer.score(items, progress=sys.stderr.isatty())
     except InputTooLong as e:
-        raise InvalidItem(f"{input}:{lines[e.index]}: {e}") from None
+        raise InvalidItem(f"{input}:{lines[e.index]}: {e.reason}") from None
     for extra, r in zip(extras, results, strict=True):
         row = {
             **extra,

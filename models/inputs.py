@@ -107,9 +107,8 @@ class Item(BaseModel):
 class InputTooLong(PolyrewardError, ValueError):
     def __init__(self, index: int, tokens: int, max_length: int):
         self.index, self.tokens, self.max_length = index, tokens, max_length
-        super().__init__(
-            f"items[{index}]: {tokens} tokens exceeds max_length {max_length} (truncation is set to 'error')"
-        )
+        self.reason = f"{tokens} tokens exceeds max_length {max_length} and truncation is 'error'"
+        super().__init__(f"items[{index}]: {self.reason}")
 
 
 @dataclass(frozen=True)

@@ -244,12 +244,7 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
             raise ApiError(504, "timeout", f"not scored within {settings.request_timeout:g}s") from None
         except InputTooLong as e:
             metrics.rejections.labels("input_too_long").inc()
-            raise ApiError(
-                422,
-                "input_too_long",
-                f"{where(e.index)}: {e.tokens} tokens exceeds max_length {e.max_length} "
-                "and truncation is 'error'",
-            ) from None
+            raise ApiError(422, "input_too_long", f"{where(e.index)}: {e.reason}") from None
         finally:
             gone.cancel()
             metrics.queue_depth.labels(model.name).set(model.batcher.queue_depth)

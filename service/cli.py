@@ -31,7 +31,7 @@ def default_artifact() -> Path:
 
 def serve(
     artifacts: Annotated[
-        list[Path] | None, typer.Argument(help="artifact directories [default: the shipped default model]")
+        list[Path] | None, typer.Argument(help="artifact directories (none: the shipped default model)")
     ] = None,
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,

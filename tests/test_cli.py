@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,10 +108,9 @@ def test_missing_artifact_and_overlong_error_mode(pipeline, tmp_path):
         "--precision", "fp32", "--max-length", "32", "--truncation", "error",
     )  # fmt: skip
     proc = polyreward("score", strict, "--input", REPO / "examples/items.jsonl", check=False)
-    assert (
-        proc.returncode == 2
-        and "items.jsonl:1: item 0:" in proc.stderr
-        and "exceeds max_length 32" in proc.stderr
+    assert proc.returncode == 2
+    assert re.search(
+        r"items\.jsonl:1: \d+ tokens exceeds max_length 32 and truncation is 'error'", proc.stderr
     )
 
 
