@@ -200,10 +200,10 @@ class Batcher:
 
     def _infer_loop(self) -> None:
         while (job := self._prepared.get()) is not None:
-            self._slot.release()
             batch, feeds = job
             started = time.monotonic()
             self._busy.set()
+            self._slot.release()  # after _busy: the next batch then waits max_wait for more items
             try:
                 outputs = self.scorer.infer(feeds)
             except Exception as e:
