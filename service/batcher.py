@@ -166,18 +166,24 @@ class Batcher:
 
     def _next_batch(self) -> list[_Pending] | None:
         with self._cond:
+            waited = False
             while True:
-                while self._pending and self._pending[0].future.done():
-                    self._pending.popleft()  # the request is gone
-                if self._pending:
+                # Requests that are gone (deadline, disconnect, a failed sibling batch) drop their items; the
+                # event loop cancels futures at any moment, so look again after every wait.
+                self._pending = deque(p for p in self._pending if not p.future.done())
+                if not self._pending:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                # The device is busy: a short wait lets more items join this batch at no cost.
+                if not waited and self._busy.is_set() and len(self._pending) < self.scorer.max_batch_items:
+                    waited = True
+                    self._cond.wait(self.max_wait)
+                    continue
+                window = [p for p in list(self._pending)[: self.window_items] if not p.future.done()]
+                if window:
                     break
-                if self._stopping:
-                    return None
-                self._cond.wait()
-            # The device is busy: a short wait lets more items join this batch at no cost.
-            if self._busy.is_set() and len(self._pending) < self.scorer.max_batch_items:
-                self._cond.wait(self.max_wait)
-            window = [p for p in list(self._pending)[: self.window_items] if not p.future.done()]
             plan = plan_batches(
                 [p.encoded.tokens for p in window], self.scorer.token_budget, self.scorer.max_batch_items
             )
