@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from models.errors import PolyrewardError
-from models.inputs import InputTooLong, InvalidItem
+from models.inputs import InputRejected, InvalidItem
 from models.manifest import PRECISIONS
 
 app = typer.Typer(
@@ -120,8 +120,57 @@ def export(
         truncation=truncation, exporter=exporter, fuse=fuse, overwrite=overwrite,  # type: ignore[arg-type]
         **shipped,
     )  # fmt: skip
-    sizes = {p: manifest.files[g.file].size / 1e6 for p, g in manifest.graphs.items()}
+    _report_sizes(out, manifest)
+
+
+def _report_sizes(out: Path, manifest) -> None:
+    sizes = {
+        p: sum(manifest.files[f].size for f in [g.file, *g.data_files]) / 1e6
+        for p, g in manifest.graphs.items()
+    }
     typer.echo(f"wrote {out}: " + ", ".join(f"{p} {mb:.1f} MB" for p, mb in sizes.items()), err=True)
+
+
+@app.command("import-armorm")
+def import_armorm_cmd(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="local ArmoRM checkpoint (Hugging Face layout, safetensors, e.g. a hub snapshot)"
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="artifact directory to create")],
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated graphs: fp16 (GPU serving; traced in half precision, no fp32 copy), "
+            "fp32 (CPU, exact), int8"
+        ),
+    ] = "fp32",
+    max_length: Annotated[
+        int | None, typer.Option(help="tokens per conversation [default: the model's context, 8192]")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="model name [default: the checkpoint directory name]")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+) -> None:
+    """Import RLHFlow/ArmoRM-Llama3-8B-v0.1 (or a checkpoint in its layout) without trust_remote_code.
+
+    The artifact computes what the official code computes: 19 objective rewards at the last token, gating
+    weights at the <|eot_id|> that opens the final assistant header, and the transformed, gated score.
+    """
+    from models.armorm import import_armorm
+
+    manifest = import_armorm(
+        checkpoint,
+        out,
+        _precisions(precision),
+        name=name,
+        max_length=max_length,
+        overwrite=overwrite,  # type: ignore[arg-type]
+    )
+    _report_sizes(out, manifest)
 
 
 @app.command("check-parity")
@@ -181,7 +230,7 @@ def score(
     names = scorer.objectives
     try:
         results = scorer.score(items, progress=sys.stderr.isatty())
-    except InputTooLong as e:
+    except InputRejected as e:
         raise InvalidItem(f"{input}:{lines[e.index]}: {e.reason}") from None
     for extra, r in zip(extras, results, strict=True):
         row = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -136,19 +137,19 @@ def export_artifact(
     metrics: dict | None = None,
     provenance: dict | None = None,
 ) -> Manifest:
-    """Build an artifact directory at `out` (written atomically). fp32 is always built: the others derive from it.
+    """Build an artifact directory at `out` (written atomically) from a backbone directory and a heads file.
 
     version, calibration, metrics and provenance (merged into the exporter's own) go into the manifest as given.
     """
-    unknown = set(precisions) - set(PRECISIONS)
-    if unknown:
-        raise ExportError(f"--precision: unknown {sorted(unknown)}; choose from {', '.join(PRECISIONS)}")
-    wanted = [p for p in PRECISIONS if p in {"fp32", *precisions}]
+    from transformers import AutoConfig
+
+    kind = kind or detect_kind(AutoConfig.from_pretrained(backbone_dir))
+    wanted = graphs_to_build(precisions, kind)
     t0 = time.perf_counter()
-    config, backbone, tokenizer = load_backbone(backbone_dir)
-    heads = load_heads(heads_file)
-    kind = kind or detect_kind(config)
-    model = build_reward_model(backbone, heads, kind)
+    # A decoder wanted in fp16 only is loaded and traced in fp16: no fp32 copy of a large model ever exists.
+    config, backbone, tokenizer = load_backbone(backbone_dir, dtype=_load_dtype(wanted))
+    model = build_reward_model(backbone, load_heads(heads_file), kind)
+    del backbone  # write_artifact releases the weights once traced; no other reference may keep them
     if kind == "encoder" and padding_side == "left":
         raise ExportError(
             "--padding-side left: encoders must be right-padded (absolute positions, and ORT's fused Attention "
@@ -157,48 +158,104 @@ def export_artifact(
     policy = input_policy(
         config, tokenizer, kind, max_length=max_length, truncation=truncation, padding_side=padding_side
     )
-    example = _trace_example(tokenizer, kind, policy)
-    input_names = model.input_names()
     log.info(
         "loaded %s backbone %s (%s) in %.1fs", kind, backbone_dir, config.model_type, time.perf_counter() - t0
     )
+    return write_artifact(
+        model, config, tokenizer, policy, out, wanted,
+        name=name or Path(out).name, backbone_id=str(Path(backbone_dir).resolve()), exporter=exporter,
+        fuse=fuse, overwrite=overwrite, version=version, calibration=calibration, metrics=metrics,
+        provenance={**(provenance or {}), "heads_sha256": sha256_file(Path(heads_file))},
+    )  # fmt: skip
 
+
+def graphs_to_build(precisions: Sequence[str], kind: Kind) -> list[Precision]:
+    """The graphs an export writes, in build order. fp32 is always built (int8, and fp16 for encoders, derive
+    from it) except for a decoder wanted in fp16 only, which is traced in fp16 directly."""
+    unknown = set(precisions) - set(PRECISIONS)
+    if unknown:
+        raise ExportError(f"--precision: unknown {sorted(unknown)}; choose from {', '.join(PRECISIONS)}")
+    if kind == "decoder" and set(precisions) == {"fp16"}:
+        return ["fp16"]
+    return [p for p in PRECISIONS if p in {"fp32", *precisions}]
+
+
+def _load_dtype(wanted: Sequence[Precision]) -> torch.dtype:
+    return torch.float16 if list(wanted) == ["fp16"] else torch.float32
+
+
+def write_artifact(
+    model: RewardModel,
+    config,
+    tokenizer,
+    policy: InputPolicy,
+    out: str | os.PathLike,
+    wanted: Sequence[Precision],
+    *,
+    name: str,
+    backbone_id: str,
+    exporter: Literal["torchscript", "dynamo"] = "torchscript",
+    fuse: bool = True,
+    overwrite: bool = False,
+    version: str | None = None,
+    calibration: dict[str, CalibrationStat] | None = None,
+    metrics: dict | None = None,
+    provenance: dict | None = None,
+) -> Manifest:
+    """Write an artifact for a PyTorch reward model (from `graphs_to_build`'s list). Consumes `model`: its
+    backbone weights are released after the last trace, so a large model is not held twice in memory.
+
+    fp32 is traced from the model; decoders' fp16 is traced from the same model cast to half precision (heads
+    stay float32), which needs no fp32 graph and works for models of any size; encoders' fp16 is converted
+    from the fused fp32 graph. int8 is quantized from fp32.
+    """
+    t0 = time.perf_counter()
+    kind = model.kind
+    example = _trace_example(tokenizer, kind, policy)
+    input_names = model.input_names()
+    traced = [p for p in wanted if p == "fp32" or (p == "fp16" and kind == "decoder")]
     with staged_directory(Path(out), overwrite) as tmp:
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        save_heads(heads, tmp / HEADS_FILE)
-        fp32 = tmp / GRAPH_FILES["fp32"]
-        _export_onnx(model, example, input_names, fp32, exporter)
+        save_heads(model.heads, tmp / HEADS_FILE)
         fused_ops: dict[str, int] = {}
-        if fuse and kind == "encoder":
-            fused_ops = _fuse_bert(fp32, config)
-        _check_against_torch(model, example, input_names, fp32)
+        for i, precision in enumerate(traced):
+            path = tmp / GRAPH_FILES[precision]
+            model.backbone.to(torch.float16 if precision == "fp16" else torch.float32)
+            want = _run_torch(model, example, input_names)
+            _export_onnx(model, example, input_names, path, exporter)
+            if i == len(traced) - 1:
+                _release(model.backbone)
+            if fuse:
+                fused_ops = _fuse(path, config, kind)
+            _check_against_torch(want, example, path, tolerance=5e-2 if precision == "fp16" else 1e-3)
         for precision in wanted:
             if precision == "int8":
-                _quantize_int8(fp32, tmp / GRAPH_FILES["int8"])
-            elif precision == "fp16":
-                _convert_fp16(fp32, tmp / GRAPH_FILES["fp16"])
+                _quantize_int8(tmp / GRAPH_FILES["fp32"], tmp / GRAPH_FILES["int8"])
+            elif precision == "fp16" and kind == "encoder":
+                _convert_fp16(tmp / GRAPH_FILES["fp32"], tmp / GRAPH_FILES["fp16"])
         graphs = {p: _graph_entry(tmp / GRAPH_FILES[p], fused=bool(fused_ops)) for p in wanted}
+        heads_cfg = model.heads.cfg
         manifest = Manifest(
-            name=name or Path(out).name,
+            name=name,
             backbone=BackboneInfo(
-                id=str(Path(backbone_dir).resolve()),
+                id=backbone_id,
                 kind=kind,
                 model_type=config.model_type,
                 hidden_size=config.hidden_size,
                 pooling="mean" if kind == "encoder" else "last",
             ),
-            objectives=heads.cfg.objectives,
+            objectives=heads_cfg.objectives,
             head=HeadInfo(
-                kind=heads.cfg.kind,
-                gating_temperature=heads.cfg.gating.temperature if heads.cfg.gating else None,
-                gating_hidden_dim=heads.cfg.gating.hidden_dim if heads.cfg.gating else None,
-                gating_n_hidden=heads.cfg.gating.n_hidden if heads.cfg.gating else None,
+                kind=heads_cfg.kind,
+                gating_temperature=heads_cfg.gating.temperature if heads_cfg.gating else None,
+                gating_hidden_dim=heads_cfg.gating.hidden_dim if heads_cfg.gating else None,
+                gating_n_hidden=heads_cfg.gating.n_hidden if heads_cfg.gating else None,
             ),
             input=policy,
             graphs=graphs,
             calibration=calibration,
             metrics=metrics or {},
-            provenance={**(provenance or {}), **_provenance(exporter, heads_file, fused_ops)},
+            provenance={**(provenance or {}), **_provenance(exporter, fused_ops)},
             **({"version": version} if version else {}),
         )
         manifest = finalize_manifest(tmp, manifest)
@@ -206,9 +263,17 @@ def export_artifact(
     return manifest
 
 
+def _release(module: torch.nn.Module) -> None:
+    """Free a module's weights even if something still references the module (it is unusable after)."""
+    for t in [*module.parameters(), *module.buffers()]:
+        t.data = torch.empty(0, dtype=t.dtype)
+
+
 def _trace_example(tokenizer, kind: Kind, policy: InputPolicy) -> dict[str, np.ndarray]:
-    # The traced example always truncates: the policy's error mode is for users' inputs, not ours.
-    builder = InputBuilder(tokenizer, kind, policy.model_copy(update={"truncation": "left"}))
+    # The policy's length limit and error mode are for users' inputs: the traced example is never cut.
+    builder = InputBuilder(
+        tokenizer, kind, policy.model_copy(update={"truncation": "left", "max_length": 512})
+    )
     return collate(
         builder.encode(_TRACE_ITEMS), kind=kind, pad_id=builder.pad_id, padding_side=policy.padding_side
     )
@@ -229,10 +294,10 @@ def export_embedder(
     policy = input_policy(config, tokenizer, kind, max_length=max_length)
     example = _trace_example(tokenizer, kind, policy)
     path = Path(path)
+    want = _run_torch(embedder, example, embedder.input_names())
     _export_onnx(embedder, example, embedder.input_names(), path, "torchscript")
-    if kind == "encoder":
-        _fuse_bert(path, config)
-    _check_against_torch(embedder, example, embedder.input_names(), path)
+    _fuse(path, config, kind)
+    _check_against_torch(want, example, path)
     return policy
 
 
@@ -243,15 +308,18 @@ def _export_onnx(
     path: Path,
     exporter,
 ):
+    """Trace `model` into `path`. A graph over 2 GB keeps its weights in ONE external file, `<path>.data`."""
     args = tuple(torch.from_numpy(example[n]) for n in input_names)
     outputs = model.output_names()
     axes = {k: v for k, v in _DYNAMIC_AXES.items() if k in input_names or k in outputs}
+    scratch = path.parent / f".{path.name}.export"  # the exporter may write one file per large tensor
+    scratch.mkdir()
     t = time.perf_counter()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             torch.onnx.export(
-                model, args, str(path), dynamo=False, opset_version=OPSET,
+                model, args, str(scratch / path.name), dynamo=False, opset_version=OPSET,
                 input_names=input_names, output_names=outputs, dynamic_axes=axes,
             )  # fmt: skip
         else:
@@ -259,8 +327,46 @@ def _export_onnx(
                 model, args, dynamo=True, input_names=input_names, output_names=outputs,
                 dynamic_shapes=_dynamic_shapes(input_names), optimize=True,
             )  # fmt: skip
-            program.save(str(path))
-    log.info("exported fp32 graph with the %s exporter in %.1fs", exporter, time.perf_counter() - t)
+            program.save(str(scratch / path.name))
+            del program
+    _gather_external_data(scratch / path.name, path)
+    shutil.rmtree(scratch)
+    log.info("exported %s with the %s exporter in %.1fs", path.name, exporter, time.perf_counter() - t)
+
+
+def _gather_external_data(src: Path, dst: Path, chunk: int = 1 << 24) -> None:
+    """Move graph `src` to `dst`, streaming all its external tensors (wherever they lie next to `src`) into
+    the single file `<dst>.data`; nothing is loaded into memory whole. A self-contained graph is just moved."""
+    from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
+
+    model = onnx.load(str(src), load_external_data=False)
+    tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
+    if not tensors:
+        shutil.move(src, dst)
+        return
+    data_name = dst.name + ".data"
+    offset = 0
+    with open(dst.parent / data_name, "wb") as out:
+        for tensor in tensors:
+            info = ExternalDataInfo(tensor)
+            file = src.parent / info.location
+            start = info.offset or 0
+            length = info.length if info.length is not None else file.stat().st_size - start
+            offset += -offset % 4096  # page-aligned, so ONNX Runtime can map the tensors in place
+            out.seek(offset)
+            with open(file, "rb") as f:
+                f.seek(start)
+                for pos in range(0, length, chunk):
+                    out.write(f.read(min(chunk, length - pos)))
+            set_external_data(tensor, location=data_name, offset=offset, length=length)
+            offset += length
+    onnx.save(model, str(dst))
+
+
+def _all_tensors(model: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
 
 
 def _dynamic_shapes(input_names: list[str]) -> dict[str, dict[int, object]]:
@@ -271,21 +377,32 @@ def _dynamic_shapes(input_names: list[str]) -> dict[str, dict[int, object]]:
     return {name: {axis: dims[label] for axis, label in _DYNAMIC_AXES[name].items()} for name in input_names}
 
 
-def _fuse_bert(path: Path, config) -> dict[str, int]:
-    """ORT transformer fusion (Attention, SkipLayerNormalization, ...); returns fused-op counts."""
+def _fuse(path: Path, config, kind: Kind) -> dict[str, int]:
+    """ORT transformer fusion; returns fused-op counts.
+
+    Encoders (BERT-like): EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu. Decoders: only
+    RMSNorm fuses (SimplifiedLayerNormalization, and SkipSimplifiedLayerNormalization with the residual add);
+    attention and rotary embeddings do not fuse from the TorchScript graph (ORT's GroupQueryAttention needs
+    its own KV-cache export, which a one-pass reward model does not have). Measured on Llama, Qwen2.
+    """
     from onnxruntime.transformers.optimizer import optimize_model
 
     t = time.perf_counter()
+    external = path.with_name(path.name + ".data")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = optimize_model(
-            str(path), model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size
-        )
+            str(path), model_type="bert" if kind == "encoder" else "gpt2",
+            num_heads=config.num_attention_heads, hidden_size=config.hidden_size,
+        )  # fmt: skip
     counts = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-    if not counts.get("Attention"):
+    if kind == "encoder" and not counts.get("Attention"):
         log.warning("transformer fusion found no Attention pattern in %s; the graph runs unfused", path.name)
-    opt.save_model_to_file(str(path))
-    log.info("fused graph in %.1fs: %s", time.perf_counter() - t, counts)
+    large = external.exists()
+    if large:
+        external.unlink()  # the optimizer holds every tensor in memory now; the writer appends to this file
+    opt.save_model_to_file(str(path), use_external_data_format=large, all_tensors_to_one_file=True)
+    log.info("fused %s in %.1fs: %s", path.name, time.perf_counter() - t, counts)
     return counts
 
 
@@ -307,6 +424,7 @@ def _quantize_int8(src: Path, dst: Path) -> None:
             str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
             nodes_to_exclude=_head_nodes(onnx.load(str(src), load_external_data=False)),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            use_external_data_format=src.with_name(src.name + ".data").exists(),
         )  # fmt: skip
     finally:
         root.setLevel(level)
@@ -326,24 +444,27 @@ def _convert_fp16(src: Path, dst: Path) -> None:
     log.info("fp16 graph written (inputs and outputs stay int64 / float32, heads float32)")
 
 
+@torch.no_grad()
+def _run_torch(model: RewardModel | Embedder, example: dict[str, np.ndarray], input_names: list[str]):
+    out = model(*(torch.from_numpy(example[n]) for n in input_names))
+    return [t.float().numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
 def _check_against_torch(
-    model: RewardModel | Embedder, example: dict[str, np.ndarray], input_names: list[str], path: Path
-):
-    """Refuse to ship a graph whose outputs differ from PyTorch on the traced example."""
+    want: list[np.ndarray], example: dict[str, np.ndarray], path: Path, tolerance: float = 1e-3
+) -> None:
+    """Refuse to ship a graph whose outputs differ from PyTorch's (`want`) on the traced example."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: example[i.name] for i in session.get_inputs()}
-    got = session.run(model.output_names(), feeds)
-    with torch.no_grad():
-        want = model(*(torch.from_numpy(example[n]) for n in input_names))
-    want = want if isinstance(want, tuple) else (want,)
-    diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want, strict=True))
-    if not diff <= 1e-3:
+    got = session.run(None, {i.name: example[i.name] for i in session.get_inputs()})
+    del session
+    diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    if not diff <= tolerance:
         raise ExportError(
             f"{path.name}: ONNX output differs from PyTorch by {diff:.3g} on the traced example"
         )
-    log.info("fp32 graph matches PyTorch on the traced example (max abs diff %.2g)", diff)
+    log.info("%s matches PyTorch on the traced example (max abs diff %.2g)", path.name, diff)
 
 
 def _graph_entry(path: Path, fused: bool) -> GraphEntry:
@@ -358,7 +479,7 @@ def _graph_entry(path: Path, fused: bool) -> GraphEntry:
     )
 
 
-def _provenance(exporter: str, heads_file, fused_ops: dict[str, int]) -> dict:
+def _provenance(exporter: str, fused_ops: dict[str, int]) -> dict:
     import onnxruntime
     import transformers
 
@@ -370,6 +491,5 @@ def _provenance(exporter: str, heads_file, fused_ops: dict[str, int]) -> dict:
         "onnxruntime": onnxruntime.__version__,
         "exporter": exporter,
         "opset": OPSET,
-        "heads_sha256": sha256_file(Path(heads_file)),
         "fused_ops": fused_ops,
     }

@@ -104,11 +104,36 @@ class Item(BaseModel):
         ]
 
 
-class InputTooLong(PolyrewardError, ValueError):
+class InputRejected(PolyrewardError, ValueError):
+    """A valid item this model cannot score; `reason` is the message without the item's location."""
+
+    error_type = "input_rejected"
+
+    def __init__(self, index: int, reason: str):
+        self.index, self.reason = index, reason
+        super().__init__(f"items[{index}]: {reason}")
+
+
+class InputTooLong(InputRejected):
+    error_type = "input_too_long"
+
     def __init__(self, index: int, tokens: int, max_length: int):
-        self.index, self.tokens, self.max_length = index, tokens, max_length
-        self.reason = f"{tokens} tokens exceeds max_length {max_length} and truncation is 'error'"
-        super().__init__(f"items[{index}]: {self.reason}")
+        self.tokens, self.max_length = tokens, max_length
+        super().__init__(index, f"{tokens} tokens exceeds max_length {max_length} and truncation is 'error'")
+
+
+class NoGatingMarker(InputRejected):
+    """The conversation lacks the text the model reads its gating embedding at (ArmoRM's assistant header)."""
+
+    error_type = "no_gating_marker"
+
+    def __init__(self, index: int, marker: str, truncated: bool):
+        where = "left after truncating to max_length" if truncated else "in the conversation"
+        super().__init__(
+            index,
+            f"no {marker!r} {where}: this model reads its gating weights at the assistant header that opens "
+            "the final reply, so send `messages` ending with the assistant turn, or `text` in its chat template",
+        )
 
 
 @dataclass(frozen=True)
@@ -147,6 +172,8 @@ class InputBuilder:
         # Templated text carries its own BOS; the plain template relies on the tokenizer's post-processor.
         self._add_special = policy.template == "plain"
         self.response_marker = self._find_response_marker()
+        marker = policy.gating_marker
+        self._gating_ids = self._tok.encode(marker, add_special_tokens=False).ids if marker else None
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
 
@@ -206,6 +233,10 @@ class InputBuilder:
                     (j for j, (_, end) in enumerate(enc.offsets) if 0 < end <= n_prompt), default=0
                 )
             ids, gating_pos, truncated = self._truncate(i, ids, gating_pos, refuse)
+            if self._gating_ids:
+                gating_pos = _last_occurrence(ids, self._gating_ids)
+                if gating_pos < 0:
+                    raise NoGatingMarker(i, self.policy.gating_marker or "", truncated)
             p_ids = None
             if self.kind == "encoder":
                 p_ids, _, p_trunc = self._truncate(i, prompt_ids[prompt] or ids[:1], 0, refuse)
@@ -235,6 +266,15 @@ class InputBuilder:
 def _shared_prefix(a: str, b: str) -> str:
     """The longest common prefix of two strings, character by character (what templates share)."""
     return os.path.commonprefix([a, b])  # noqa: RUF071 - character-wise is exactly what is meant
+
+
+def _last_occurrence(ids: list[int], pattern: list[int]) -> int:
+    """Start of the last occurrence of `pattern` in `ids`, or -1 (ArmoRM's `find_token_for_gating`)."""
+    n = len(pattern)
+    for j in range(len(ids) - n, -1, -1):
+        if ids[j] == pattern[0] and ids[j : j + n] == pattern:
+            return j
+    return -1
 
 
 def _run_length(ids: list[int], special: frozenset[int]) -> int:

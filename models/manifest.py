@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.objectives import Objective, check_objectives
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+# 2 added input.gating_marker (an old reader must not serve such an artifact with the wrong gating position).
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 
 Precision = Literal["fp32", "int8", "fp16"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "int8", "fp16")
@@ -58,6 +59,12 @@ class InputPolicy(_Strict):
         description="left: drop the oldest prompt tokens, then the start of the response; error: refuse",
     )
     padding_side: Literal["left", "right"] = "right"
+    gating_marker: str | None = Field(
+        None,
+        description="decoders: read the gating embedding at the first token of the LAST occurrence of this "
+        "text's tokens and refuse items without it (ArmoRM: '<|eot_id|><|start_header_id|>assistant"
+        "<|end_header_id|>\\n\\n'); None: at the last token of the prompt part",
+    )
 
 
 class CalibrationStat(_Strict):
@@ -101,6 +108,8 @@ class Manifest(_Strict):
         if self.backbone.kind == "encoder" and self.input.padding_side == "left":
             # ORT's fused Attention reads the mask as per-row lengths (ReduceSum), which assumes right padding.
             raise ValueError("input.padding_side: encoders must be right-padded")
+        if self.backbone.kind == "encoder" and self.input.gating_marker is not None:
+            raise ValueError("input.gating_marker: only decoders read the gating embedding at a token")
         if not self.graphs:
             raise ValueError("graphs: an artifact needs at least one ONNX graph")
         for precision, graph in self.graphs.items():

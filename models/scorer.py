@@ -61,7 +61,8 @@ DEFAULT_TOKEN_BUDGET = {"cpu": 512, "gpu": 16384}
 class Scorer:
     """Loads an artifact (checking its files' sha256) and scores items with ONNX Runtime.
 
-    precision: which graph to run; "auto" picks fp16 on CUDA when the artifact has it, else fp32.
+    precision: which graph to run; "auto" picks fp16 on CUDA when the artifact has it (or has nothing else),
+    else fp32.
     device: "auto" uses CUDA when onnxruntime-gpu sees a GPU, else the CPU. A GPU provider that was asked for
     but is not the one the session really runs on is reported loudly (`fallback` is then True).
     token_budget / max_batch_items: a batch holds at most this many padded tokens / items. The default budget
@@ -92,7 +93,8 @@ class Scorer:
             device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
         self.manifest: Manifest = load_manifest(self.artifact)
         if precision == "auto":
-            precision = "fp16" if device != "cpu" and "fp16" in self.manifest.graphs else "fp32"
+            graphs = self.manifest.graphs
+            precision = "fp16" if "fp16" in graphs and (device != "cpu" or "fp32" not in graphs) else "fp32"
         verify_graph(self.artifact, self.manifest, precision)
         self.precision: Precision = precision
         self.device = device

@@ -27,7 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import PolyrewardError, describe, describe_errors
-from models.inputs import InputTooLong, Item
+from models.inputs import InputRejected, Item
 from models.manifest import Truncation
 from models.scorer import Scorer, ScoreResult
 from service.batcher import Batcher, QueueFull, Timing
@@ -242,9 +242,9 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
         except TimeoutError:
             metrics.rejections.labels("timeout").inc()
             raise ApiError(504, "timeout", f"not scored within {settings.request_timeout:g}s") from None
-        except InputTooLong as e:
-            metrics.rejections.labels("input_too_long").inc()
-            raise ApiError(422, "input_too_long", f"{where(e.index)}: {e.reason}") from None
+        except InputRejected as e:
+            metrics.rejections.labels(e.error_type).inc()
+            raise ApiError(422, e.error_type, f"{where(e.index)}: {e.reason}") from None
         finally:
             gone.cancel()
             metrics.queue_depth.labels(model.name).set(model.batcher.queue_depth)

@@ -118,7 +118,7 @@ class Batcher:
         self._tokenize.shutdown(wait=False)
 
     async def encode(self, items: Sequence[Item], truncation: Truncation | None = None) -> list[Encoded]:
-        """Tokenize off the event loop (raises `InputTooLong` when the policy refuses over-long items)."""
+        """Tokenize off the event loop (raises `InputRejected` for items the model refuses)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenize, self.scorer.builder.encode, list(items), truncation)
 

@@ -48,7 +48,7 @@ def test_missing_file_is_refused_naming_the_file(artifact):
 def test_unknown_schema_version_is_refused_clearly(artifact):
     edit_manifest(artifact, lambda m: m.update(schema_version=99))
     with pytest.raises(
-        ArtifactError, match=r"schema_version 99 is not supported .*supported: 1.*upgrade polyreward"
+        ArtifactError, match=r"schema_version 99 is not supported .*supported: 1, 2.*upgrade polyreward"
     ):
         load_manifest(artifact)
 

@@ -140,7 +140,7 @@ def test_fp16_graph_has_float32_heads_and_io_and_ranks_like_fp32(
     from models.export import export_artifact
 
     heads = random_heads(tmp_path / "heads.safetensors", 64 if family == "llama" else 384, kind="moe")
-    export_artifact(backbone_dirs[family], heads, tmp_path / "a", ["fp16"], max_length=256)
+    export_artifact(backbone_dirs[family], heads, tmp_path / "a", ["fp16", "fp32"], max_length=256)
     model = onnx.load(str(tmp_path / "a" / "model.fp16.onnx"))
     dtypes = {t.name: t.data_type for t in model.graph.initializer}
     assert sum(d == onnx.TensorProto.FLOAT16 for d in dtypes.values()) > 10
@@ -151,6 +151,11 @@ def test_fp16_graph_has_float32_heads_and_io_and_ranks_like_fp32(
     fp32 = Scorer(tmp_path / "a", precision="fp32", device="cpu").score(mixed_items[:24])
     assert spearmanr([r.score for r in fp16], [r.score for r in fp32]).statistic >= 0.99
     assert np.abs(np.array([r.rewards for r in fp16]) - [r.rewards for r in fp32]).max() <= 5e-2
+    if family == "llama":  # fp16 alone: the backbone is loaded and traced in fp16, no fp32 graph is written
+        manifest = export_artifact(backbone_dirs[family], heads, tmp_path / "b", ["fp16"], max_length=256)
+        assert set(manifest.graphs) == {"fp16"} and not (tmp_path / "b" / "model.onnx").exists()
+        alone = Scorer(tmp_path / "b", device="cpu").score(mixed_items[:24])
+        assert [r.score for r in alone] == pytest.approx([r.score for r in fp16], abs=1e-6)
 
 
 def test_cuda_request_without_cuda_falls_back_loudly(export_family, caplog):
