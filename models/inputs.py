@@ -122,6 +122,10 @@ class InputTooLong(InputRejected):
         super().__init__(index, f"{tokens} tokens exceeds max_length {max_length} and truncation is 'error'")
 
 
+class TemplateRefused(InputRejected):
+    error_type = "template_refused"
+
+
 class NoGatingMarker(InputRejected):
     """The conversation lacks the text the model reads its gating embedding at (ArmoRM's assistant header)."""
 
@@ -210,13 +214,23 @@ class InputBuilder:
         prompt = self.render(messages[:-1])
         return _shared_prefix(prompt, full), full
 
+    def _split_item(self, index: int, item: Item) -> tuple[str, str]:
+        from jinja2 import TemplateError
+
+        try:
+            return self.split(item)
+        except TemplateError as e:  # e.g. Gemma's and Mistral's templates raise on a system turn
+            raise TemplateRefused(
+                index, f"the model's chat template refused this conversation: {e}"
+            ) from None
+
     def encode(self, items: Sequence[Item], truncation: Truncation | None = None) -> list[Encoded]:
         """Tokenize a list of items (in one Rust call) and apply truncation; results in input order.
 
         `truncation` overrides the artifact's policy for this call ("error" refuses over-long items).
         """
         refuse = (truncation or self.policy.truncation) == "error"
-        parts = [self.split(it) for it in items]
+        parts = [self._split_item(i, it) for i, it in enumerate(items)]
         encodings = self._tok.encode_batch([full for _, full in parts], add_special_tokens=self._add_special)
         prompt_ids: dict[str, list[int]] = {}
         if self.kind == "encoder":  # each distinct prompt tokenized once

@@ -8,6 +8,7 @@ occurrence of the assistant header in the token ids.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from pathlib import Path
@@ -23,17 +24,34 @@ K = 19
 GATING = {"gating_temperature": 0.5, "gating_hidden_dim": 32, "gating_n_hidden": 3}
 
 
-def tiny_armorm(out: Path) -> Path:
-    """A random 2-layer Llama (hidden 64) with ArmoRM's heads, saved like the hub checkpoint: bf16 weights in two
-    safetensors shards with an index, config.json with the head fields and the remote-code `auto_map`."""
+TINY = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 2048,
+}  # fmt: skip
+
+
+def tiny_armorm(out: Path, shape: dict | None = None) -> Path:
+    """A random Llama (2 layers, hidden 64, or `shape`) with ArmoRM's heads, saved like the hub checkpoint: bf16
+    weights in two safetensors shards with an index, config.json with the head fields and the remote-code
+    `auto_map`. The vocabulary is the test tokenizer's, or `shape["vocab_size"]` rows (the extra ones unused)."""
     tok = llama3_tokenizer()
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=False,
+        **({"vocab_size": len(tok)} | TINY | (shape or {})), tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
     )  # fmt: skip
     torch.manual_seed(1)
-    state = {f"model.{k}": v for k, v in LlamaModel(config).state_dict().items()}
+    with torch.device("meta") if shape else contextlib.nullcontext():
+        names = LlamaModel(config).state_dict() if shape else None
+    state = (
+        {
+            f"model.{k}": torch.ones(v.shape, dtype=torch.bfloat16)
+            if k.endswith("norm.weight")
+            else 0.02 * torch.randn(v.shape, dtype=torch.bfloat16)
+            for k, v in names.items()
+        }
+        if names is not None  # large shapes: random bf16 straight away, never a float32 copy
+        else {f"model.{k}": v for k, v in LlamaModel(config).state_dict().items()}
+    )
     d, h = config.hidden_size, GATING["gating_hidden_dim"]
     dims = [d] + [h] * GATING["gating_n_hidden"] + [K]
     for i, (a, b) in enumerate(itertools.pairwise(dims)):

@@ -33,7 +33,17 @@ def polyreward(*args, check=True):
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["export"], ["check-parity"], ["score"], ["eval"], ["train"], ["train", "objectives"]]
+    "command",
+    [
+        [],
+        ["export"],
+        ["import-armorm"],
+        ["check-parity"],
+        ["score"],
+        ["eval"],
+        ["train"],
+        ["train", "objectives"],
+    ],
 )
 def test_help(command):
     out = polyreward(*command, "--help").stdout

@@ -165,3 +165,39 @@ def test_cuda_request_without_cuda_falls_back_loudly(export_family, caplog):
         scorer = Scorer(export_family("llama"), precision="fp32", device="cuda")
     assert scorer.fallback and scorer.providers == ["CPUExecutionProvider"]
     assert "CUDAExecutionProvider was requested but the session runs on CPUExecutionProvider" in caplog.text
+
+
+def test_external_data_is_gathered_into_one_aligned_file(export_family, tmp_path):
+    """What the TorchScript exporter writes for a graph over 2 GB (one file per tensor) becomes one
+    `<graph>.data` file with page-aligned tensors, and the graph computes the same."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from models.export import _all_tensors, _gather_external_data
+
+    graph = export_family("llama") / "model.onnx"
+    scattered = tmp_path / "scattered"
+    scattered.mkdir()
+    onnx.save(
+        onnx.load(str(graph)), str(scattered / "model.onnx"),
+        save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0,
+    )  # fmt: skip
+    assert len(list(scattered.iterdir())) > 10
+    out = tmp_path / "out"
+    out.mkdir()
+    _gather_external_data(scattered / "model.onnx", out / "model.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    tensors = _all_tensors(onnx.load(str(out / "model.onnx"), load_external_data=False))
+    infos = [ExternalDataInfo(t) for t in tensors if uses_external_data(t)]
+    assert infos and all(i.location == "model.onnx.data" and i.offset % 4096 == 0 for i in infos)
+    feeds = {
+        "input_ids": np.array([[5, 6, 7, 8], [0, 9, 10, 11]], np.int64),
+        "attention_mask": np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int64),
+        "gating_index": np.array([1, 2], np.int64),
+    }
+    want = ort.InferenceSession(str(graph)).run(None, feeds)
+    got = ort.InferenceSession(str(out / "model.onnx")).run(None, feeds)
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g, w)
+    assert not any(
+        uses_external_data(t) for t in _all_tensors(onnx.load(str(graph), load_external_data=False))
+    )

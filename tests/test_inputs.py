@@ -14,6 +14,7 @@ from models.inputs import (
     InputTooLong,
     InvalidItem,
     Item,
+    TemplateRefused,
     collate,
     parse_item,
     read_items_jsonl,
@@ -184,3 +185,13 @@ def test_read_items_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"prompt": "p", "response": "r", "id": "a"}\n')
     items, extras, lines = read_items_jsonl(path)
     assert items == [Item(prompt="p", response="r")] and extras == [{"id": "a"}] and lines == [1]
+
+
+def test_a_chat_template_that_raises_is_an_input_error_naming_the_item():
+    tok = llama3_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(TemplateRefused, match=r"items\[1\]: .*template refused .*System role not supported"):
+        builder(tok, "decoder").encode([Item(messages=CHAT[1:3]), Item(messages=CHAT)])
