@@ -118,8 +118,8 @@ def read_heads(checkpoint: Path, config, armo: dict) -> RewardHeads:
     state = heads.state_dict()
     for name, theirs in ours.items():
         if theirs not in files:
-            if theirs.startswith("gating.layers.") and theirs.endswith(".bias"):
-                state[name] = torch.zeros_like(state[name])  # built with bias=False
+            if theirs == f"gating.layers.{gating.n_hidden}.bias":  # the output layer, built with bias=False
+                state[name] = torch.zeros_like(state[name])
                 continue
             raise CheckpointError(f"{checkpoint}: tensor {theirs!r} not found in the checkpoint")
         with safe_open(str(files[theirs]), framework="pt") as f:

@@ -110,6 +110,16 @@ def finalize_manifest(artifact_dir: Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
+def _apply_umask(root: Path) -> None:
+    """Give the staged tree the modes a plain mkdir/open would (mkdtemp and some writers use 0700/0600), so a
+    server running as another user (a container mounting the artifact) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def staged_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     """Build into a temporary sibling directory and move it into place only when the block succeeds.
@@ -123,6 +133,7 @@ def staged_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
+        _apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

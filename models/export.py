@@ -338,10 +338,10 @@ def _export_onnx(
 def _gather_external_data(src: Path, dst: Path, chunk: int = 1 << 24) -> None:
     """Move graph `src` to `dst`, streaming all its external tensors (wherever they lie next to `src`) into
     the single file `<dst>.data`; nothing is loaded into memory whole. A self-contained graph is just moved."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
     model = onnx.load(str(src), load_external_data=False)
-    tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
+    tensors = [t for t in _get_all_tensors(model) if uses_external_data(t)]
     if not tensors:
         shutil.move(src, dst)
         return
@@ -365,12 +365,6 @@ def _gather_external_data(src: Path, dst: Path, chunk: int = 1 << 24) -> None:
                 entry.key, entry.value = key, str(value)
             offset += length
     onnx.save(model, str(dst))
-
-
-def _all_tensors(model: onnx.ModelProto):
-    from onnx.external_data_helper import _get_all_tensors
-
-    return _get_all_tensors(model)
 
 
 def _dynamic_shapes(input_names: list[str]) -> dict[str, dict[int, object]]:

@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 
 from models.artifact import HEADS_FILE, ArtifactError, load_manifest, verify_files
 from models.heads import load_heads
-from models.inputs import Item, read_items_jsonl
+from models.inputs import InputRejected, Item, read_items_jsonl
 from models.scorer import Scorer
 from models.torch_model import build_reward_model, load_backbone, score_torch
 
@@ -28,6 +28,15 @@ def sample_items() -> list[Item]:
     """The packaged parity sample: 40 conversations of very different lengths, several over 512 tokens."""
     with resources.as_file(resources.files("models") / "data" / "sample_items.jsonl") as path:
         return read_items_jsonl(path)[0]
+
+
+def _accepted(scorer: Scorer, item: Item) -> bool:
+    """False for an item this model refuses (e.g. raw text without ArmoRM's assistant header)."""
+    try:
+        scorer.encode([item])
+    except InputRejected:
+        return False
+    return True
 
 
 def check_parity(
@@ -55,6 +64,7 @@ def check_parity(
     for precision in manifest.graphs:
         try:
             scorer = Scorer(artifact, precision=precision, device=device)  # type: ignore[arg-type]
+            items = [it for it in items if _accepted(scorer, it)]
             results = scorer.score(items)
         except ArtifactError:
             raise

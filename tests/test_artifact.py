@@ -88,3 +88,16 @@ def test_unknown_device_or_precision_names_the_option(artifact):
         Scorer(artifact, device="gpu")
     with pytest.raises(PolyrewardError, match="precision: 'bf16' is not one of auto, fp32, int8, fp16"):
         Scorer(artifact, precision="bf16")
+
+
+def test_an_exported_artifact_has_the_modes_of_the_umask(export_family):
+    """Staging uses mkdtemp (0700) and safetensors writes 0600; a server running as another user (a container
+    mounting the artifact) must still be able to read it."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    root = export_family("llama")
+    assert root.stat().st_mode & 0o777 == 0o777 & ~umask
+    for p in root.rglob("*"):
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask, p

@@ -171,8 +171,9 @@ def test_external_data_is_gathered_into_one_aligned_file(export_family, tmp_path
     """What the TorchScript exporter writes for a graph over 2 GB (one file per tensor) becomes one
     `<graph>.data` file with page-aligned tensors, and the graph computes the same."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from onnx.external_data_helper import _get_all_tensors as all_tensors
 
-    from models.export import _all_tensors, _gather_external_data
+    from models.export import _gather_external_data
 
     graph = export_family("llama") / "model.onnx"
     scattered = tmp_path / "scattered"
@@ -186,7 +187,7 @@ def test_external_data_is_gathered_into_one_aligned_file(export_family, tmp_path
     out.mkdir()
     _gather_external_data(scattered / "model.onnx", out / "model.onnx")
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
-    tensors = _all_tensors(onnx.load(str(out / "model.onnx"), load_external_data=False))
+    tensors = all_tensors(onnx.load(str(out / "model.onnx"), load_external_data=False))
     infos = [ExternalDataInfo(t) for t in tensors if uses_external_data(t)]
     assert infos and all(i.location == "model.onnx.data" and i.offset % 4096 == 0 for i in infos)
     feeds = {
@@ -199,5 +200,5 @@ def test_external_data_is_gathered_into_one_aligned_file(export_family, tmp_path
     for g, w in zip(got, want, strict=True):
         assert np.array_equal(g, w)
     assert not any(
-        uses_external_data(t) for t in _all_tensors(onnx.load(str(graph), load_external_data=False))
+        uses_external_data(t) for t in all_tensors(onnx.load(str(graph), load_external_data=False))
     )
