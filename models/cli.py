@@ -84,21 +84,24 @@ def export(
         ),
     ] = False,
     backbone: Annotated[
-        Path | None, typer.Option(help="Hugging Face model directory [default: bundled all-MiniLM-L6-v2]")
+        Path | None,
+        typer.Option(help="Hugging Face model directory", show_default="bundled all-MiniLM-L6-v2"),
     ] = None,
     precision: Annotated[
         str, typer.Option(help="comma-separated graphs to build: fp32 (always), int8 (CPU), fp16 (GPU)")
     ] = "fp32,int8",
     max_length: Annotated[
-        int | None, typer.Option(help="tokens per sequence [default: from the model]")
+        int | None, typer.Option(help="tokens per sequence", show_default="from the model")
     ] = None,
     padding_side: Annotated[
-        str | None, typer.Option(help="left|right [default: right for encoders, left for decoders]")
+        str | None, typer.Option(help="left|right", show_default="right for encoders, left for decoders")
     ] = None,
     truncation: Annotated[str, typer.Option(help="left: drop oldest tokens first; error: refuse")] = "left",
     exporter: Annotated[str, typer.Option(help="torchscript (fusable, default) or dynamo")] = "torchscript",
     fuse: Annotated[bool, typer.Option(help="ORT transformer fusion for BERT-like encoders")] = True,
-    name: Annotated[str | None, typer.Option(help="model name [default: the --out directory name]")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="model name", show_default="the --out directory name")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
     """Export backbone + heads as an artifact: one ONNX graph per precision, tokenizer, manifest."""
@@ -148,10 +151,10 @@ def import_armorm_cmd(
         ),
     ] = "fp32",
     max_length: Annotated[
-        int | None, typer.Option(help="tokens per conversation [default: the model's context, 8192]")
+        int | None, typer.Option(help="tokens per conversation", show_default="the model's context, 8192")
     ] = None,
     name: Annotated[
-        str | None, typer.Option(help="model name [default: the checkpoint directory name]")
+        str | None, typer.Option(help="model name", show_default="the checkpoint directory name")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
@@ -178,10 +181,10 @@ def check_parity_cmd(
     artifact: Annotated[Path, typer.Argument(help="artifact directory")],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     input: Annotated[
-        Path | None, typer.Option(help="JSONL items to compare on [default: 40 packaged conversations]")
+        Path | None, typer.Option(help="JSONL items to compare on", show_default="40 packaged conversations")
     ] = None,
     backbone: Annotated[
-        Path | None, typer.Option(help="backbone directory [default: from the manifest]")
+        Path | None, typer.Option(help="backbone directory", show_default="from the manifest")
     ] = None,
     device: Annotated[str, typer.Option(help="cpu|cuda|tensorrt for the ONNX side")] = "cpu",
 ) -> None:
@@ -214,7 +217,7 @@ def score(
     precision: Annotated[str, typer.Option(help="auto|fp32|int8|fp16")] = "auto",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda|tensorrt")] = "auto",
     token_budget: Annotated[
-        int | None, typer.Option(help="max padded tokens per batch [512 on CPU, 16384 on GPU]")
+        int | None, typer.Option(help="max padded tokens per batch", show_default="512 on CPU, 16384 on GPU")
     ] = None,
     max_batch_items: Annotated[int, typer.Option(help="max items per batch")] = 64,
 ) -> None:

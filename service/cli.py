@@ -43,7 +43,8 @@ def serve(
     max_queue_items: Annotated[int | None, typer.Option(help="queued items before 429")] = None,
     request_timeout: Annotated[float | None, typer.Option(help="seconds before 504")] = None,
     drain_seconds: Annotated[
-        float | None, typer.Option(help="after SIGTERM, seconds /ready answers 503 before shutdown [5]")
+        float | None,
+        typer.Option(help="after SIGTERM, seconds /ready answers 503 before shutdown", show_default="5"),
     ] = None,
 ) -> None:
     """Serve vector rewards over HTTP: /v1/score, /v1/compare, /get_reward (OpenRLHF), /v1/models, /metrics.

@@ -17,7 +17,8 @@ app = typer.Typer(
 
 Config = Annotated[Path, typer.Option(help="training config (YAML): datasets, backbone, stage settings")]
 Out = Annotated[
-    Path | None, typer.Option(help="work directory for caches, heads and the artifact [default: from config]")
+    Path | None,
+    typer.Option(help="work directory for caches, heads and the artifact", show_default="from config"),
 ]
 Quiet = Annotated[bool, typer.Option(help="no progress bars")]
 
