@@ -39,17 +39,18 @@ def batch_inputs(builder, n: int, seq: int, seed: int) -> list:
     """n encoded items of exactly `seq` tokens: random ids around a real assistant header."""
     import numpy as np
 
+    from models.armorm import ASSISTANT_HEADER
     from models.inputs import Encoded
 
     rng = np.random.default_rng(seed)
-    header = list(builder._gating_ids)
-    vocab = max(builder._tok.get_vocab_size(), 8)
+    header = builder.tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
+    vocab = len(builder.tokenizer)
     out = []
     for _ in range(n):
         ids = rng.integers(8, vocab, seq).tolist()
         at = seq // 2
         ids[at : at + len(header)] = header
-        out.append(Encoded(tuple(ids[:seq]), at, None, False))
+        out.append(Encoded(tuple(ids), at, None, False))
     return out
 
 

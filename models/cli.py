@@ -88,7 +88,10 @@ def export(
         typer.Option(help="Hugging Face model directory", show_default="bundled all-MiniLM-L6-v2"),
     ] = None,
     precision: Annotated[
-        str, typer.Option(help="comma-separated graphs to build: fp32 (always), int8 (CPU), fp16 (GPU)")
+        str,
+        typer.Option(
+            help="comma-separated graphs to build: fp32 (always, except fp16 alone for a decoder), int8 (CPU), fp16 (GPU)"
+        ),
     ] = "fp32,int8",
     max_length: Annotated[
         int | None, typer.Option(help="tokens per sequence", show_default="from the model")
