@@ -900,17 +900,21 @@ def _log_counts(spec: DatasetSpec, path: Path, rows: int, examples: Examples, sk
     )
 
 
-def read_dataset(spec: DatasetSpec, base_dir: Path | None = None, where: str | None = None) -> Examples:
-    """Read and validate a whole dataset through its spec.
+def dataset_rows(
+    spec: DatasetSpec,
+    base_dir: Path | None = None,
+    where: str | None = None,
+    skipped: Counter[str] | None = None,
+) -> Iterator[tuple[str, Row, Examples]]:
+    """(location, raw row, its examples) for each row of a dataset that maps onto examples, in file order.
 
-    `where` prefixes config errors (e.g. "x.yaml datasets[2] (rmb)"); row errors name file, line and field.
-    Ids must be unique within the dataset. One INFO line logs the counts and the skipped rows by reason.
+    Rows left out (`sample`, a skip reason, or an invalid value with `on_invalid: skip`) are counted in
+    `skipped` by reason. The first row is checked for every field the spec reads; ids must be unique.
     """
     where = where or f"dataset {spec.name!r}"
     path = _resolve_path(spec.path, base_dir, where)
     fmt = _format_of(path) if spec.format == "auto" else spec.format
-    examples = Examples()
-    skipped: Counter[str] = Counter()  # reason -> rows
+    skipped = Counter() if skipped is None else skipped
     seen: dict[str, str] = {}  # id -> where it was read
     for number, data in read_records(path, fmt, spec.hf_split, spec.limit):
         row = _Row(f"{path}:{number}" if fmt == "jsonl" else f"{path}:row {number}", data)
@@ -923,7 +927,7 @@ def read_dataset(spec: DatasetSpec, base_dir: Path | None = None, where: str | N
         if spec.sample < 1.0 and not subsplit(ident, spec.sample, f"sample:{spec.name}"):
             continue
         try:
-            examples.extend(_examples(spec, row, ident))
+            yield row.where, data, _examples(spec, row, ident)
         except _Skipped as skip:
             skipped[str(skip)] += 1
         except _RowError as e:
@@ -932,9 +936,25 @@ def read_dataset(spec: DatasetSpec, base_dir: Path | None = None, where: str | N
             skipped[f"invalid {e.reason}"] += 1
     if not seen:
         raise DataError(f"{where}: {path} has no rows")
+
+
+def read_dataset(spec: DatasetSpec, base_dir: Path | None = None, where: str | None = None) -> Examples:
+    """Read and validate a whole dataset through its spec.
+
+    `where` prefixes config errors (e.g. "x.yaml datasets[2] (rmb)"); row errors name file, line and field.
+    Ids must be unique within the dataset. One INFO line logs the counts and the skipped rows by reason.
+    """
+    where = where or f"dataset {spec.name!r}"
+    path = _resolve_path(spec.path, base_dir, where)
+    examples = Examples()
+    skipped: Counter[str] = Counter()  # reason -> rows
+    rows = 0
+    for _, _, row_examples in dataset_rows(spec, base_dir, where, skipped):
+        examples.extend(row_examples)
+        rows += 1
     if not (examples.ratings or examples.pairs or examples.bon):
         raise DataError(f"{where}: every row of {path} was skipped: {_reasons(skipped)}")
-    _log_counts(spec, path, len(seen), examples, skipped)
+    _log_counts(spec, path, rows + sum(skipped.values()), examples, skipped)
     return examples
 
 
@@ -962,6 +982,15 @@ def _stem(path: Path) -> str:
     return Path(path.name.removesuffix(".gz")).stem
 
 
+def canonical_options(path: str | os.PathLike) -> dict[str, Any]:
+    """Spec options (kind and fields) for a file in the canonical schema, from its first row's keys."""
+    path = Path(path)
+    first = next(read_records(path, limit=1), None)
+    if first is None:
+        raise DataError(f"{path}: no rows")
+    return _canonical_options(path, first[1])
+
+
 def read_canonical(path: str | os.PathLike, split: Split = "test") -> Examples:
     """Read a file in the canonical schema without a config; its kind comes from the first row's keys.
 
@@ -971,10 +1000,7 @@ def read_canonical(path: str | os.PathLike, split: Split = "test") -> Examples:
     files are evaluation inputs, so every example gets split "test" unless `split` says otherwise.
     """
     path = Path(path)
-    first = next(read_records(path, limit=1), None)
-    if first is None:
-        raise DataError(f"{path}: no rows")
-    options = _canonical_options(path, first[1])
+    options = canonical_options(path)
     try:
         spec = DatasetSpec(
             name=_stem(path), path=str(path), holdout=1.0 if split == "test" else 0.0, **options

@@ -1,0 +1,1 @@
+"""Batch rescoring of preference and rating datasets (`polyreward rescore`)."""

@@ -1,0 +1,191 @@
+"""`polyreward rescore` end to end: formats, a kill -9 half way and --resume, remote vs local, bad inputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from test_cli import POLYREWARD, polyreward
+from test_service import server
+
+from rescore.run import RUN_FILE, read_output
+
+pytestmark = pytest.mark.slow
+
+PAIRS = ["--kind", "pairs", "--map", "prompt=question", "--map", "chosen=good", "--map", "rejected=bad",
+         "--map", "id=uid", "--map", "subset=topic"]  # fmt: skip
+
+
+def pair_rows(n: int) -> list[dict]:
+    """Synthetic preference rows with real text of different lengths (the packaged parity sample)."""
+    from models.parity import sample_items
+
+    texts = [it.response or it.text or it.messages[-1].content for it in sample_items()]
+    return [
+        {
+            "uid": f"p{i}",
+            "topic": ["math", "code", "chat"][i % 3],
+            "question": f"Question {i}: {texts[i % len(texts)][:80]}",
+            "good": texts[(i * 7) % len(texts)][: 40 + 7 * (i % 20)],
+            "bad": f"No. {i}",
+        }
+        for i in range(n)
+    ]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(export_family):
+    return export_family("minilm")
+
+
+@pytest.fixture(scope="module")
+def reference(artifact, tmp_path_factory):
+    """An uninterrupted run over 96 rows, in 6 shards."""
+    root = tmp_path_factory.mktemp("rescore")
+    data = write_jsonl(root / "pairs.jsonl", pair_rows(96))
+    polyreward(
+        "rescore", data, "--out", root / "ref", "--artifact", artifact, *PAIRS, "--shard-rows", 16, "--quiet"
+    )
+    return data, read_output(root / "ref").to_pylist()
+
+
+def by_uid(rows):
+    return {r["uid"]: r for r in rows}
+
+
+def assert_same_values(got: list[dict], want: list[dict], tol: float = 0.0):
+    assert sorted(r["uid"] for r in got) == sorted(r["uid"] for r in want)
+    want_by = by_uid(want)
+    for r in got:
+        w = want_by[r["uid"]]
+        for side in ("chosen", "rejected"):
+            assert abs(r[f"{side}_score"] - w[f"{side}_score"]) <= tol
+            diffs = [abs(r[f"{side}_rewards"][k] - v) for k, v in w[f"{side}_rewards"].items()]
+            assert max(diffs) <= tol
+
+
+def test_output_has_the_input_rows_vector_rewards_and_a_summary(reference, artifact, tmp_path):
+    data, rows = reference
+    assert [r["row"] for r in rows] == list(range(96))
+    first = rows[0]
+    assert first["uid"] == "p0" and first["question"].startswith("Question 0")  # the input row, carried
+    assert first["margin"] == pytest.approx(first["chosen_score"] - first["rejected_score"])
+    assert first["p_chosen"] == pytest.approx(1 / (1 + np.exp(-first["margin"])))
+    assert first["agrees"] == (first["margin"] > 0)
+    assert set(first["chosen_rewards"]) == set(first["chosen_gating"]) and len(first["chosen_rewards"]) == 3
+    # The values are the offline scorer's.
+    from models.scorer import Scorer
+
+    got = Scorer(artifact).score([{"prompt": first["question"], "response": first["good"]}])[0]
+    assert first["chosen_score"] == pytest.approx(got.score, abs=1e-5)
+    summary = json.loads((data.parent / "ref" / "summary.json").read_text())
+    assert summary["rows"] == 96 and summary["pairs"]["n"] == 96
+    assert summary["pairs"]["accuracy"] == pytest.approx(np.mean([r["agrees"] for r in rows]))
+    assert set(summary["pairs"]["per_subset"]) == {"math", "code", "chat"}
+    assert (data.parent / "ref" / "margins.png").stat().st_size > 1000
+
+
+def test_a_run_killed_half_way_resumes_to_exactly_the_uninterrupted_output(reference, artifact, tmp_path):
+    data, want = reference
+    out = tmp_path / "run"
+    args = ["rescore", data, "--out", out, "--artifact", artifact, *PAIRS, "--shard-rows", 16, "--quiet"]
+    proc = subprocess.Popen(
+        [POLYREWARD, *map(str, args)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        run = out / RUN_FILE
+        if run.exists() and len(json.loads(run.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    manifest = json.loads((out / RUN_FILE).read_text())
+    assert not manifest["complete"] and 2 <= len(manifest["shards"]) < 6, manifest["shards"]
+    again = polyreward(*args, check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr  # never silently appends or restarts
+    polyreward(*args, "--resume")
+    got = read_output(out).to_pylist()
+    assert [r["row"] for r in got] == list(range(96))  # one row per input row, in order
+    assert_same_values(got, want)  # bit-identical: the same shards, the same batches
+
+
+def test_input_formats_give_the_same_values(reference, artifact, tmp_path):
+    import datasets
+
+    data, want = reference
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:20]
+    inputs = {
+        "jsonl.gz": tmp_path / "p.jsonl.gz",
+        "parquet": tmp_path / "p.parquet",
+        "csv": tmp_path / "p.csv",
+        "json": tmp_path / "p.json",
+        "hf": tmp_path / "hf",
+    }
+    with gzip.open(inputs["jsonl.gz"], "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    pq.write_table(pa.Table.from_pylist(rows), inputs["parquet"])
+    pacsv.write_csv(pa.Table.from_pylist(rows), inputs["csv"])
+    inputs["json"].write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).save_to_disk(str(inputs["hf"]))
+    for fmt, path in inputs.items():
+        out = tmp_path / f"out-{fmt}"
+        polyreward(
+            "rescore", path, "--out", out, "--artifact", artifact, *PAIRS, "--format", "jsonl", "--quiet"
+        )
+        assert_same_values(read_output(out), want[:20], tol=1e-5)
+
+
+def test_remote_engine_matches_local(reference, artifact, tmp_path):
+    data, want = reference
+    with server(artifact) as (url, _):
+        polyreward(
+            "rescore", data, "--out", tmp_path / "remote", "--url", url, *PAIRS, "--concurrency", 3, "--quiet"
+        )
+    assert_same_values(read_output(tmp_path / "remote").to_pylist(), want, tol=1e-4)
+
+
+def test_bad_inputs_fail_before_scoring_naming_file_and_column(reference, artifact, tmp_path):
+    data, _ = reference
+    mixed = write_jsonl(
+        tmp_path / "second.jsonl", [{k: v for k, v in r.items() if k != "bad"} for r in pair_rows(3)]
+    )
+    (tmp_path / "broken.jsonl").write_text(json.dumps(pair_rows(1)[0]) + "\n{oops\n")
+    cases = {
+        "missing column": ([data, mixed], r"second\.jsonl.*'bad'"),
+        "unreadable file": ([tmp_path / "nope.jsonl"], r"nope\.jsonl: no such file"),
+        "column absent": (
+            [write_jsonl(tmp_path / "other.jsonl", [{"uid": 1}])],
+            r"other\.jsonl.*'question' not found",
+        ),
+        "not json": ([tmp_path / "broken.jsonl"], r"broken\.jsonl:2: not valid JSON"),
+    }
+    for case, (inputs, message) in cases.items():
+        out = tmp_path / case.replace(" ", "-")
+        proc = polyreward("rescore", *inputs, "--out", out, "--artifact", artifact, *PAIRS, check=False)
+        assert proc.returncode == 2, (case, proc.stderr)
+        assert re.search(message, proc.stderr), (case, proc.stderr)
+        assert not list(out.glob("part-*")), case  # nothing was scored
+    # Resuming after the input changed is refused, naming the file.
+    changed = write_jsonl(tmp_path / "changing.jsonl", pair_rows(8))
+    args = ["rescore", changed, "--out", tmp_path / "c", "--artifact", artifact, *PAIRS, "--quiet"]
+    polyreward(*args)
+    write_jsonl(changed, pair_rows(9))
+    proc = polyreward(*args, "--resume", check=False)
+    assert proc.returncode == 2 and "changing.jsonl: changed" in proc.stderr
