@@ -58,7 +58,8 @@ def rescore(
         str | None, typer.Option(help="score with a running `polyreward serve` at this URL")
     ] = None,
     engine: Annotated[
-        str | None, typer.Option(help="local|remote", show_default="local with --artifact, remote with --url")
+        str | None,
+        typer.Option(help="local|remote|ray", show_default="local with --artifact, remote with --url"),
     ] = None,
     kind: Annotated[
         str | None,
@@ -87,6 +88,11 @@ def rescore(
         str | None, typer.Option(help="remote: Bearer key", envvar="POLYREWARD_API_KEY")
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="remote: requests in flight")] = 4,
+    ray_address: Annotated[
+        str | None, typer.Option(help="ray: cluster address", show_default="RAY_ADDRESS, or a local Ray")
+    ] = None,
+    actors: Annotated[int, typer.Option(min=1, help="ray: Scorer actors (one model each)")] = 2,
+    num_gpus: Annotated[float, typer.Option(min=0, help="ray: GPUs per actor")] = 0.0,
     shard_rows: Annotated[int, typer.Option(min=1, help="input rows per output shard")] = 2048,
     format: Annotated[str, typer.Option(help="parquet|jsonl")] = "parquet",
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
@@ -105,18 +111,24 @@ def rescore(
     if format not in ("parquet", "jsonl"):
         raise typer.BadParameter(f"{format!r} is not parquet or jsonl", param_hint="--format")
     engine = engine or ("remote" if url else "local")
-    if engine == "local" and artifact is None:
-        raise typer.BadParameter("the local engine needs --artifact", param_hint="--artifact")
+    if engine in ("local", "ray") and artifact is None:
+        raise typer.BadParameter(f"the {engine} engine needs --artifact", param_hint="--artifact")
     if engine == "remote" and url is None:
         raise typer.BadParameter("the remote engine needs --url", param_hint="--url")
-    if engine not in ("local", "remote"):
-        raise typer.BadParameter(f"{engine!r} is not local or remote", param_hint="--engine")
+    if engine not in ("local", "remote", "ray"):
+        raise typer.BadParameter(f"{engine!r} is not local, remote or ray", param_hint="--engine")
     spec = build_spec(inputs, kind, map or [], name)
-    scorer = (
-        LocalEngine(artifact, precision=precision, device=device, token_budget=token_budget)
-        if engine == "local"
-        else RemoteEngine(url, model=model, api_key=api_key, concurrency=concurrency)  # type: ignore[arg-type]
-    )
+    if engine == "local":
+        scorer = LocalEngine(artifact, precision=precision, device=device, token_budget=token_budget)
+    elif engine == "remote":
+        scorer = RemoteEngine(url, model=model, api_key=api_key, concurrency=concurrency)  # type: ignore[arg-type]
+    else:
+        from rescore.engines import RayEngine
+
+        scorer = RayEngine(
+            artifact, precision=precision, device=device, token_budget=token_budget, address=ray_address,
+            actors=actors, num_gpus=num_gpus,
+        )  # fmt: skip
     try:
         mode = "resume" if resume else "overwrite" if overwrite else "new"
         run = Run(inputs, spec, out, scorer, shard_rows=shard_rows, output_format=format, mode=mode)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ An engine scores a list of items and returns, per item, (score, rewards, gating)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,16 +21,46 @@ class Scored:
     gating: list[float]
 
 
+Shard = tuple[object, list[list[Item]]]  # (the caller's payload, each row's items)
+
+
 class Engine(Protocol):
     objectives: list[str]
     identity: dict
 
-    def score(self, items: Sequence[Item]) -> list[Scored]: ...
+    def score_shards(self, shards: Iterator[Shard]) -> Iterator[tuple[object, list[list[Scored]]]]: ...
 
     def close(self) -> None: ...
 
 
-class LocalEngine:
+class _PerShard:
+    """Scores shard after shard with `score` (a flat list of items); results regrouped per row, in order."""
+
+    def score(self, items: Sequence[Item]) -> list[Scored]:
+        raise NotImplementedError
+
+    def score_shards(self, shards: Iterator[Shard]) -> Iterator[tuple[object, list[list[Scored]]]]:
+        for payload, rows in shards:
+            yield payload, regroup(self.score([it for items in rows for it in items]), rows)
+
+
+def regroup(flat: Sequence[Scored], rows: Sequence[Sequence[Item]]) -> list[list[Scored]]:
+    out, at = [], 0
+    for items in rows:
+        out.append(list(flat[at : at + len(items)]))
+        at += len(items)
+    return out
+
+
+def model_identity(manifest, precision: str) -> dict:
+    graph = manifest.graphs[precision]
+    return {
+        "model": manifest.name, "version": manifest.version, "objectives": manifest.objective_names,
+        "precision": precision, "graph_sha256": manifest.files[graph.file].sha256,
+    }  # fmt: skip
+
+
+class LocalEngine(_PerShard):
     """`Scorer` in this process, with its length-sorted batching under a token budget."""
 
     def __init__(self, artifact, *, precision="auto", device="auto", token_budget: int | None = None):
@@ -38,11 +68,7 @@ class LocalEngine:
 
         self.scorer = Scorer(artifact, precision=precision, device=device, token_budget=token_budget)
         self.objectives = self.scorer.objectives
-        m = self.scorer.manifest
-        self.identity = {
-            "model": m.name, "version": m.version, "objectives": self.objectives,
-            "precision": self.scorer.precision, "graph_sha256": m.files[m.graphs[self.scorer.precision].file].sha256,
-        }  # fmt: skip
+        self.identity = model_identity(self.scorer.manifest, self.scorer.precision)
 
     def score(self, items: Sequence[Item]) -> list[Scored]:
         return [Scored(r.score, r.rewards, r.gating) for r in self.scorer.score(items)]
@@ -51,7 +77,7 @@ class LocalEngine:
         pass
 
 
-class RemoteEngine:
+class RemoteEngine(_PerShard):
     """A running `polyreward serve`, through `service.client.RewardClient` (retries with backoff, 429s honoured):
     requests of `request_items` items, at most `concurrency` in flight."""
 
@@ -85,3 +111,81 @@ class RemoteEngine:
 
     def close(self) -> None:
         self.client.close()
+
+
+class _ScorerActor:
+    """One `Scorer` per Ray actor; a batch is a group of rows, each with its items as JSON."""
+
+    def __init__(self, artifact: str, precision: str, device: str, token_budget: int | None):
+        self.engine = LocalEngine(artifact, precision=precision, device=device, token_budget=token_budget)
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        import numpy as np
+
+        rows = [[Item.model_validate(it) for it in json.loads(r)] for r in batch["items"]]
+        flat = self.engine.score([it for items in rows for it in items])
+        scored = [[[s.score, s.rewards, s.gating] for s in row] for row in regroup(flat, rows)]
+        return {"index": batch["index"], "scored": np.array([json.dumps(r) for r in scored], dtype=object)}
+
+
+class RayEngine:
+    """Ray Data: `map_batches` over an actor pool, one `Scorer` per actor (`num_gpus` each on a GPU cluster).
+
+    Connects to the running cluster (`ray.init(address=...)`, or a local one). The remaining rows' items are
+    put into one dataset, scored as a stream with the input order preserved, and handed back shard by shard,
+    so shards are still committed one at a time.
+    """
+
+    def __init__(
+        self, artifact, *, precision="auto", device="auto", token_budget: int | None = None,
+        address: str | None = None, actors: int = 2, num_gpus: float = 0.0, batch_rows: int = 64,
+    ):  # fmt: skip
+        import ray
+
+        from models.artifact import load_manifest
+
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        self.ray = ray
+        manifest = load_manifest(artifact)
+        if precision == "auto":  # what each actor's Scorer will pick on its device
+            gpu_graph = num_gpus > 0 and "fp16" in manifest.graphs
+            precision = "fp16" if gpu_graph or "fp32" not in manifest.graphs else "fp32"
+        self.objectives = manifest.objective_names
+        self.identity = model_identity(manifest, precision)
+        self.args = {
+            "artifact": str(artifact),
+            "precision": precision,
+            "device": device,
+            "token_budget": token_budget,
+        }
+        self.actors, self.num_gpus, self.batch_rows = actors, num_gpus, batch_rows
+
+    def score_shards(self, shards: Iterator[Shard]) -> Iterator[tuple[object, list[list[Scored]]]]:
+        import json
+
+        shards = list(shards)
+        rows = [
+            {"index": i, "items": json.dumps([it.model_dump(exclude_none=True) for it in items])}
+            for i, items in enumerate(items for _, rows in shards for items in rows)
+        ]
+        if not rows:
+            return
+        context = self.ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        scored = self.ray.data.from_items(rows).map_batches(
+            _ScorerActor, fn_constructor_kwargs=self.args, batch_size=self.batch_rows, concurrency=self.actors,
+            num_gpus=self.num_gpus or None, batch_format="numpy",
+        )  # fmt: skip
+        stream = iter(scored.iter_rows())
+        for payload, shard_rows in shards:
+            out = []
+            for _ in shard_rows:
+                row = next(stream)
+                out.append([Scored(s, r, g) for s, r, g in json.loads(row["scored"])])
+            yield payload, out
+
+    def close(self) -> None:
+        pass

@@ -116,6 +116,7 @@ class Run:
     ):
         self.inputs, self.spec, self.out, self.engine = [Path(p) for p in inputs], spec, Path(out), engine
         self.shard_rows, self.format = shard_rows, output_format
+        self._fresh = False
         self.manifest = self._open(mode)
 
     # ------------------------------------------------------------------ manifest
@@ -145,19 +146,17 @@ class Run:
             manifest = json.loads(run_file.read_text())
             self._check_same(manifest, identity)
             return manifest
-        if mode == "overwrite" and self.out.exists():
-            for f in [run_file, *self.out.glob("part-*"), *self.out.glob(".part-*")]:
+        # A new run is written only when scoring starts (`run`), so a failed validation leaves nothing behind.
+        self._fresh = True
+        return {"version": RUN_VERSION, **identity, "shards": [], "complete": False}
+
+    def _start(self) -> None:
+        if self.out.exists():  # --overwrite: the old run goes only now
+            for f in [self.out / RUN_FILE, *self.out.glob("part-*"), *self.out.glob(".part-*")]:
                 f.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "version": RUN_VERSION,
-            **identity,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "shards": [],
-            "complete": False,
-        }
-        self._save(manifest)
-        return manifest
+        self.manifest["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._save(self.manifest)
 
     def _check_same(self, manifest: dict, identity: dict) -> None:
         before = {f["path"]: f for f in manifest["inputs"]}
@@ -202,6 +201,8 @@ class Run:
     def run(self, progress: bool = True, total: int | None = None) -> None:
         from tqdm import tqdm
 
+        if self._fresh:
+            self._start()
         rows = self.rows()
         start = self.done_rows
         for _ in itertools.islice(rows, start):  # committed shards: their rows are skipped, not rescored
@@ -209,35 +210,33 @@ class Run:
         bar = tqdm(
             total=total, initial=start, unit="row", desc="rescoring", disable=not progress, smoothing=0.1
         )
-        index = len(self.manifest["shards"])
-        while batch := list(itertools.islice(rows, self.shard_rows)):
-            self._write_shard(index, start, batch)
+        last = time.perf_counter()
+        for (batch, planned), scored in self.engine.score_shards(self._shards(rows)):
+            self._write_shard(start, batch, planned, scored, since=last)
+            last = time.perf_counter()
             start += len(batch)
-            index += 1
             bar.update(len(batch))
         bar.close()
         self.manifest["complete"] = True
         self.manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._save(self.manifest)
 
-    def _write_shard(self, index: int, first_row: int, batch: list[tuple[str, dict, Examples]]) -> None:
-        t = time.perf_counter()
-        planned = [_items(examples) for _, _, examples in batch]
-        items = [it for _, row_items, _ in planned for it in row_items]
-        scored = self.engine.score(items)
-        rows, at = [], 0
-        for i, ((where, raw, _), (kind, row_items, example)) in enumerate(zip(batch, planned, strict=True)):
-            mine = scored[at : at + len(row_items)]
-            at += len(row_items)
-            rows.append(
-                {
-                    **raw,
-                    "row": first_row + i,
-                    "source": where,
-                    **output_row(kind, example, mine, self.engine.objectives),
-                }
+    def _shards(self, rows: Iterator) -> Iterator[tuple[tuple[list, list], list[list[Item]]]]:
+        """((rows, their plans), each row's items) per shard, for `Engine.score_shards`."""
+        while batch := list(itertools.islice(rows, self.shard_rows)):
+            planned = [_items(examples) for _, _, examples in batch]
+            yield (batch, planned), [items for _, items, _ in planned]
+
+    def _write_shard(self, first_row: int, batch, planned, scored: list[list[Scored]], since: float) -> None:
+        """Write and commit one shard; `since` is when its reading and scoring began."""
+        objectives = self.engine.objectives
+        rows = [
+            {**raw, "row": first_row + i, "source": where, **output_row(kind, example, mine, objectives)}
+            for i, ((where, raw, _), (kind, _, example), mine) in enumerate(
+                zip(batch, planned, scored, strict=True)
             )
-        name = f"part-{index:05d}.{self.format}"
+        ]
+        name = f"part-{len(self.manifest['shards']):05d}.{self.format}"
         tmp = self.out / f".{name}.tmp"
         if self.format == "parquet":
             import pyarrow as pa
@@ -251,8 +250,8 @@ class Run:
             os.fsync(f.fileno())
         os.replace(tmp, self.out / name)
         self.manifest["shards"].append(
-            {"file": name, "first_row": first_row, "input_rows": len(batch), "items": len(items),
-             "seconds": round(time.perf_counter() - t, 2)}
+            {"file": name, "first_row": first_row, "input_rows": len(batch),
+             "items": sum(len(items) for _, items, _ in planned), "seconds": round(time.perf_counter() - since, 2)}
         )  # fmt: skip
         self._save(self.manifest)
 
