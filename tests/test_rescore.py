@@ -208,3 +208,32 @@ def test_ray_engine_matches_local(reference, artifact, tmp_path):
     got = read_output(tmp_path / "ray").to_pylist()
     assert [r["row"] for r in got] == list(range(96))
     assert_same_values(got, want, tol=1e-4)
+
+
+def test_unlabelled_responses_and_hh_transcripts(artifact, tmp_path):
+    from models.scorer import Scorer
+
+    rows = [{"q": f"Question {i}?", "a": "Answer. " * (i + 1)} for i in range(5)]
+    data = write_jsonl(tmp_path / "responses.jsonl", rows)
+    args = ["--kind", "responses", "--map", "prompt=q", "--map", "response=a", "--quiet"]
+    polyreward("rescore", data, "--out", tmp_path / "r", "--artifact", artifact, *args)
+    got = [r["response_score"] for r in read_output(tmp_path / "r").to_pylist()]
+    want = Scorer(artifact).score([{"prompt": r["q"], "response": r["a"]} for r in rows])
+    assert got == pytest.approx([w.score for w in want], abs=1e-5)
+
+    hh = [
+        {
+            "chosen": f"\n\nHuman: Hi {i}\n\nAssistant: Hello, how can I help?",
+            "rejected": f"\n\nHuman: Hi {i}\n\nAssistant: Go away.",
+        }
+        for i in range(4)
+    ]
+    data = write_jsonl(tmp_path / "hh.jsonl", hh)
+    args = ["--kind", "pairs", "--map", "hh=true", "--map", "chosen=chosen", "--map", "rejected=rejected"]
+    summary = json.loads(
+        polyreward("rescore", data, "--out", tmp_path / "hh", "--artifact", artifact, *args).stdout
+    )
+    out = read_output(tmp_path / "hh").to_pylist()
+    polite = Scorer(artifact).score([{"prompt": "Hi 0", "response": "Hello, how can I help?"}])[0]
+    assert out[0]["chosen_score"] == pytest.approx(polite.score, abs=1e-5)
+    assert summary["pairs"]["n"] == 4

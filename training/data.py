@@ -79,6 +79,7 @@ _KIND_OPTIONS = {
     "ratings": frozenset({"response", "ratings", "scale"}),
     "pairs": frozenset({*_PAIR_OPTIONS, "scale", *_LABEL_OPTIONS}),
     "bon": frozenset({"best", "losers", "loser_field", *_LABEL_OPTIONS}),
+    "responses": frozenset({"response"}),
 }
 _ALL_KIND_OPTIONS = frozenset().union(*_KIND_OPTIONS.values())
 # Options naming raw fields, checked on the first row so that a typo fails at once, naming the option.
@@ -95,7 +96,9 @@ class DatasetSpec(BaseModel):
 
     name: str = Field(min_length=1, description="dataset name: example `dataset`, subset names, split hash")
     path: str = Field(description="file or `save_to_disk` directory; ${VAR} / ${VAR:-default} are expanded")
-    kind: Literal["ratings", "pairs", "bon"]
+    kind: Literal["ratings", "pairs", "bon", "responses"] = Field(
+        description="responses: unlabelled replies (for rescoring), read like ratings without `ratings`"
+    )
     format: Format = Field(
         "auto", description="auto: from the suffix (.jsonl/.json/.parquet/.csv[.gz], dir=hf)"
     )
@@ -190,7 +193,8 @@ class DatasetSpec(BaseModel):
             if self._is_set(option):
                 raise ValueError(f"{option}: not an option of kind {self.kind}")
         self._check_conversation()
-        {"ratings": self._check_ratings, "pairs": self._check_pairs, "bon": self._check_bon}[self.kind]()
+        checks = {"ratings": self._check_ratings, "pairs": self._check_pairs, "bon": self._check_bon}
+        checks.get(self.kind, self._check_response)()
         self._check_labels()
         return self
 
@@ -205,13 +209,17 @@ class DatasetSpec(BaseModel):
             if getattr(self, option) == []:
                 raise ValueError(f"{option}: empty list of fields")
 
+    def _check_response(self) -> None:
+        if self.response is None and self.messages is None:
+            raise ValueError(
+                f"response: required for kind {self.kind} (or messages holding the whole conversation, reply "
+                "last)"
+            )
+
     def _check_ratings(self) -> None:
         if not self.ratings:
             raise ValueError("ratings: required for kind ratings")
-        if self.response is None and self.messages is None:
-            raise ValueError(
-                "response: required for kind ratings (or messages holding the whole conversation, reply last)"
-            )
+        self._check_response()
         if isinstance(self.ratings, dict):
             _check_objective_names("ratings", self.ratings)
             self._check_scale(list(self.ratings))
@@ -735,8 +743,8 @@ def _rating_examples(spec: DatasetSpec, row: _Row, ident: str, common: dict[str,
         prompt, response = row.get(spec.messages or "", _rated_conversation)
     else:
         prompt, (response,) = _conversation(spec, row, [(spec.response, row.get(spec.response, _text))])
-    ratings = _ratings(spec, row)
-    if all(math.isnan(v) for v in ratings.values()):
+    ratings = _ratings(spec, row) if spec.kind == "ratings" else {}
+    if spec.kind == "ratings" and all(math.isnan(v) for v in ratings.values()):
         raise _Skipped("no rating given")
     return Examples(
         ratings=[RatingExample(ident, prompt=prompt, response=response, ratings=ratings, **common)]
@@ -835,7 +843,7 @@ def _examples(spec: DatasetSpec, row: _Row, ident: str) -> Examples:
         "split": split_of(spec.name, key, spec.holdout),
         "subset": _subset(spec, row),
     }
-    if spec.kind == "ratings":
+    if spec.kind in ("ratings", "responses"):
         return _rating_examples(spec, row, ident, common)
     objective = row.get(spec.objective, _optional_objective) if spec.objective else spec.objective_value
     build = _pair_examples if spec.kind == "pairs" else _bon_examples
