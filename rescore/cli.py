@@ -63,7 +63,9 @@ def rescore(
     ] = None,
     kind: Annotated[
         str | None,
-        typer.Option(help="pairs|ratings|bon|responses", show_default="from the first row of a canonical file"),
+        typer.Option(
+            help="pairs|ratings|bon|responses", show_default="from the first row of a canonical file"
+        ),
     ] = None,
     map: Annotated[
         list[str] | None,

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -186,15 +187,20 @@ class Run:
 
     # ------------------------------------------------------------------ rows
 
-    def rows(self) -> Iterator[tuple[str, dict, Examples]]:
-        """Every input row that maps onto an example, across all inputs, in order."""
+    def rows(self, skipped: Counter[str] | None = None) -> Iterator[tuple[str, dict, Examples]]:
+        """Every input row that maps onto an example, across all inputs, in order (the others counted in
+        `skipped` by reason)."""
         for path in self.inputs:
-            spec = self.spec.model_copy(update={"path": str(path), "name": self.spec.name or path.name})
-            yield from dataset_rows(spec, where=str(path))
+            spec = self.spec.model_copy(update={"path": str(path)})
+            yield from dataset_rows(spec, where=str(path), skipped=skipped)
 
     def validate(self) -> int:
-        """Read every row through the adapters before scoring anything; returns the number of rows."""
-        return sum(1 for _ in self.rows())
+        """Read every row through the adapters before scoring anything; returns the number of rows to score.
+        Rows the adapters leave out (e.g. identical sides) are recorded in the manifest by reason."""
+        skipped: Counter[str] = Counter()
+        total = sum(1 for _ in self.rows(skipped))
+        self.manifest["skipped"] = dict(skipped)
+        return total
 
     # ------------------------------------------------------------------ scoring
 

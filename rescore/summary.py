@@ -31,6 +31,7 @@ def summarize(out: str | Path) -> dict:
         "seconds": sum(s["seconds"] for s in manifest["shards"]),
     }
     summary["rows_per_s"] = round(len(rows) / summary["seconds"], 2) if summary["seconds"] else None
+    summary["skipped"] = manifest.get("skipped", {})  # input rows the adapters left out, by reason
     pairs = [r for r in rows if "margin" in r]
     if pairs:
         labelled = [r for r in pairs if r["agrees"] is not None]

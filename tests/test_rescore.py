@@ -228,7 +228,8 @@ def test_unlabelled_responses_and_hh_transcripts(artifact, tmp_path):
         }
         for i in range(4)
     ]
-    data = write_jsonl(tmp_path / "hh.jsonl", hh)
+    same = "\n\nHuman: Hi\n\nAssistant: Same."
+    data = write_jsonl(tmp_path / "hh.jsonl", [*hh, {"chosen": same, "rejected": same}])
     args = ["--kind", "pairs", "--map", "hh=true", "--map", "chosen=chosen", "--map", "rejected=rejected"]
     summary = json.loads(
         polyreward("rescore", data, "--out", tmp_path / "hh", "--artifact", artifact, *args).stdout
@@ -236,4 +237,4 @@ def test_unlabelled_responses_and_hh_transcripts(artifact, tmp_path):
     out = read_output(tmp_path / "hh").to_pylist()
     polite = Scorer(artifact).score([{"prompt": "Hi 0", "response": "Hello, how can I help?"}])[0]
     assert out[0]["chosen_score"] == pytest.approx(polite.score, abs=1e-5)
-    assert summary["pairs"]["n"] == 4
+    assert summary["pairs"]["n"] == 4 and summary["skipped"] == {"chosen and rejected are the same text": 1}
