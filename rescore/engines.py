@@ -1,7 +1,9 @@
-"""Scoring engines for rescoring: the same `Scorer` in-process (`local`) or a running service (`remote`).
+"""Scoring engines for rescoring: the `Scorer` in this process (`local`), a running service (`remote`), or an
+actor pool of Scorers on a Ray cluster (`ray`).
 
-An engine scores a list of items and returns, per item, (score, rewards, gating), rewards and gating in
-`objectives` order. `identity` is what a resumed run must match: the model and how it is run.
+An engine takes shards (a payload and each row's items) and yields, per shard and in order, the payload and
+each row's `Scored` items (score, rewards and gating in `objectives` order). `identity` is what a resumed run
+must match: the model and the graph it runs.
 """
 
 from __future__ import annotations
@@ -180,11 +182,15 @@ class RayEngine:
             num_gpus=self.num_gpus or None, batch_format="numpy",
         )  # fmt: skip
         stream = iter(scored.iter_rows())
+        index = 0
         for payload, shard_rows in shards:
             out = []
             for _ in shard_rows:
                 row = next(stream)
+                if row["index"] != index:  # preserve_order is what keeps shards reproducible: check it
+                    raise RuntimeError(f"Ray returned row {row['index']} where row {index} was expected")
                 out.append([Scored(s, r, g) for s, r, g in json.loads(row["scored"])])
+                index += 1
             yield payload, out
 
     def close(self) -> None:
