@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.offline import timed
+
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 SHAPES = {
     "llama3-8b": {
@@ -52,16 +54,6 @@ def batch_inputs(builder, n: int, seq: int, seed: int) -> list:
         ids[at : at + len(header)] = header
         out.append(Encoded(tuple(ids), at, None, False))
     return out
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t)
-    return statistics.median(runs)
 
 
 def main(argv: list[str]) -> None:

@@ -175,11 +175,11 @@ def import_armorm(
     overwrite: bool = False,
 ) -> Manifest:
     """Write an artifact for an ArmoRM-layout checkpoint. fp16 alone never materialises an fp32 copy."""
-    from models.export import _load_dtype, graphs_to_build, input_policy, write_artifact
+    from models.export import graphs_to_build, input_policy, load_dtype, write_artifact
 
     path = Path(checkpoint)
     wanted = graphs_to_build(precisions, "decoder")
-    config, model, tokenizer = load_armorm(path, dtype=_load_dtype(wanted))
+    config, model, tokenizer = load_armorm(path, dtype=load_dtype(wanted))
     # The official code never truncates: by default allow the model's whole context.
     policy = input_policy(
         config, tokenizer, "decoder", max_length=max_length or config.max_position_embeddings

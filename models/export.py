@@ -147,7 +147,7 @@ def export_artifact(
     wanted = graphs_to_build(precisions, kind)
     t0 = time.perf_counter()
     # A decoder wanted in fp16 only is loaded and traced in fp16: no fp32 copy of a large model ever exists.
-    config, backbone, tokenizer = load_backbone(backbone_dir, dtype=_load_dtype(wanted))
+    config, backbone, tokenizer = load_backbone(backbone_dir, dtype=load_dtype(wanted))
     model = build_reward_model(backbone, load_heads(heads_file), kind)
     del backbone  # write_artifact releases the weights once traced; no other reference may keep them
     if kind == "encoder" and padding_side == "left":
@@ -180,7 +180,8 @@ def graphs_to_build(precisions: Sequence[str], kind: Kind) -> list[Precision]:
     return [p for p in PRECISIONS if p in {"fp32", *precisions}]
 
 
-def _load_dtype(wanted: Sequence[Precision]) -> torch.dtype:
+def load_dtype(wanted: Sequence[Precision]) -> torch.dtype:
+    """The dtype to load a backbone in for these graphs: fp16 when fp16 is all that is built."""
     return torch.float16 if list(wanted) == ["fp16"] else torch.float32
 
 

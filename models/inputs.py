@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tokenizers import Tokenizer
 
@@ -215,8 +216,6 @@ class InputBuilder:
         return _shared_prefix(prompt, full), full
 
     def _split_item(self, index: int, item: Item) -> tuple[str, str]:
-        from jinja2 import TemplateError
-
         try:
             return self.split(item)
         except TemplateError as e:  # e.g. Gemma's and Mistral's templates raise on a system turn
