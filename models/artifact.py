@@ -58,6 +58,19 @@ def load_manifest(artifact_dir: str | os.PathLike) -> Manifest:
         raise ArtifactError(f"{path}: invalid manifest: {describe(e)}") from None
 
 
+def find_artifacts(path: str | os.PathLike) -> list[Path]:
+    """The artifact at `path`, or else every artifact directly under it (a mounted model volume), by name."""
+    root = Path(path)
+    if (root / MANIFEST).is_file():
+        return [root]
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not found")
+    found = sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+    if not found:
+        raise ArtifactError(f"{root}: no {MANIFEST} in it or in its subdirectories; nothing to serve")
+    return found
+
+
 def verify_files(artifact_dir: str | os.PathLike, manifest: Manifest, names: Iterable[str]) -> None:
     """Check size and sha256 of each named file against the manifest; raise naming the first bad file."""
     root = Path(artifact_dir)

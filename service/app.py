@@ -118,6 +118,7 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
             metrics.model_info.labels(
                 name, scorer.manifest.version, scorer.precision, scorer.providers[0]
             ).set(1)
+            metrics.queue_capacity.labels(name).set(settings.max_queue_items)
         app.state.ready = True
         yield
         app.state.ready = False

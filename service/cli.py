@@ -31,10 +31,16 @@ def default_artifact() -> Path:
 
 def serve(
     artifacts: Annotated[
-        list[Path] | None, typer.Argument(help="artifact directories (none: the shipped default model)")
+        list[Path] | None,
+        typer.Argument(
+            help="artifact directories, or directories of artifacts (a mounted model volume); "
+            "none: the shipped default model",
+            envvar="POLYREWARD_ARTIFACTS",  # several: separated by ':'
+            show_default=False,
+        ),
     ] = None,
-    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    host: Annotated[str, typer.Option(help="interface to listen on", envvar="POLYREWARD_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port", envvar="POLYREWARD_PORT")] = 8000,
     api_key_file: Annotated[
         Path | None, typer.Option(help="file with one API key per line (also POLYREWARD_API_KEYS)")
     ] = None,
@@ -49,11 +55,14 @@ def serve(
 ) -> None:
     """Serve vector rewards over HTTP: /v1/score, /v1/compare, /get_reward (OpenRLHF), /v1/models, /metrics.
 
-    Settings come from POLYREWARD_* environment variables; flags given here override them. Several artifacts
-    are served side by side, chosen by the request's `model` field.
+    Settings come from POLYREWARD_* environment variables (POLYREWARD_ARTIFACTS, POLYREWARD_PORT, …);
+    flags given here override them.
+
+    Several artifacts are served side by side, chosen by the request's `model` field.
     """
     import uvicorn
 
+    from models.artifact import find_artifacts
     from service.app import Settings, create_app
     from service.server import DrainingServer
 
@@ -63,7 +72,8 @@ def serve(
         "drain_seconds": drain_seconds,
     }  # fmt: skip
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
-    app = create_app(artifacts or [default_artifact()], settings)
+    paths = [p for path in artifacts for p in find_artifacts(path)] if artifacts else [default_artifact()]
+    app = create_app(paths, settings)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info", access_log=False,
         timeout_graceful_shutdown=int(settings.request_timeout) + 5,

@@ -38,6 +38,9 @@ class Metrics:
             buckets=(1, 1.1, 1.25, 1.5, 2, 3, 5), registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge("polyreward_queue_depth", "items waiting", ["model"], registry=r)
+        self.queue_capacity = Gauge(
+            "polyreward_queue_capacity", "queued items before 429 (max_queue_items)", ["model"], registry=r
+        )
         self.items = Counter("polyreward_items_scored", "items scored", ["model"], registry=r)
         self.tokens = Counter("polyreward_tokens_scored", "real tokens scored", ["model"], registry=r)
         self.truncations = Counter("polyreward_truncations", "items truncated", ["model"], registry=r)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from models.artifact import MANIFEST, ArtifactError, load_manifest
+from models.artifact import MANIFEST, ArtifactError, find_artifacts, load_manifest
 from models.scorer import Scorer
 
 
@@ -101,3 +101,20 @@ def test_an_exported_artifact_has_the_modes_of_the_umask(export_family):
     assert root.stat().st_mode & 0o777 == 0o777 & ~umask
     for p in root.rglob("*"):
         assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask, p
+
+
+def test_find_artifacts_in_a_model_volume(artifact, tmp_path):
+    """`serve /models`: an artifact itself, or every artifact one level down, by name; nothing is an error."""
+    assert find_artifacts(artifact) == [artifact]
+    for name in ("b-model", "a-model"):
+        shutil.copytree(artifact, tmp_path / "volume" / name)
+    (tmp_path / "volume" / "lost+found").mkdir()
+    assert find_artifacts(tmp_path / "volume") == [
+        tmp_path / "volume" / "a-model",
+        tmp_path / "volume" / "b-model",
+    ]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match=r"empty: no manifest.json in it or in its subdirectories"):
+        find_artifacts(tmp_path / "empty")
+    with pytest.raises(ArtifactError, match="nowhere: not found"):
+        find_artifacts(tmp_path / "nowhere")
