@@ -1,23 +1,34 @@
-"""python -m bench offline [--artifact DIR] [--items N] [--repeats R]
-python -m bench load [--artifact DIR] [--clients C] [--duration D] [--precision fp32|int8 ...] [--items N]
-python -m bench export-memory [--layers L] [--hidden H] [--precisions fp16,fp32]
-python -m bench decoder [--shape llama3-8b|tiny] [--device cuda|cpu] [--batches 1,4,16,64] [--seq 1024]
+"""python -m bench WORKLOAD [options] — every workload prints one line per measurement (--json: JSON lines).
+
+all            machine, offline, grpo, service, rescore in one run; writes docs/performance.md and its plots
+machine        CPU model, cores, measured fp32 GEMM GFLOP/s
+offline        Scorer fp32/int8 vs PyTorch eager on real RMB items: items/s, GFLOP/s, Spearman, accuracy
+grpo           64 prompts × 8 responses, with and without prompt deduplication
+service        `polyreward serve` under 1/8/64/256 concurrent single-item clients vs the offline Scorer
+rescore        `polyreward rescore` rows/s, local and remote engines
+export-memory  peak RSS of exporting a large decoder
+decoder        Llama-3-8B-shaped fp16 decoder, CUDA EP vs PyTorch eager (a GPU machine)
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import decoder, export_memory, load, offline
+from bench import decoder, export_memory, grpo, load, machine, offline, report, rescore, soak
 
 WORKLOADS = {
+    "all": report.main,
+    "machine": lambda argv: [print(line) for line in machine.run()],
     "offline": offline.main,
-    "load": load.main,
+    "grpo": grpo.main,
+    "service": load.main,
+    "rescore": rescore.main,
+    "soak": soak.main,
     "export-memory": export_memory.main,
     "decoder": decoder.main,
 }
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in WORKLOADS:
-        sys.exit(f"usage: python -m bench {{{'|'.join(WORKLOADS)}}} [options]  (each has --help)")
+        sys.exit(__doc__)
     WORKLOADS[sys.argv[1]](sys.argv[2:])

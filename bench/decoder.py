@@ -22,7 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.offline import timed
+from bench.common import timed
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 SHAPES = {

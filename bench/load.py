@@ -1,7 +1,8 @@
 """Online throughput under load: `polyreward serve` vs the offline `Scorer` and a naive FastAPI+torch server.
 
-C concurrent clients each send one single-item /v1/score request at a time, cycling through N real items, for
-a warm-up and then D measured seconds. A request counts when it finishes inside the measured window; its
+For each client count (1, 8, 64, 256), C concurrent clients each send one single-item /v1/score request at a
+time, cycling through real items (both sides of RMB pairs), for a warm-up and then D measured seconds; a 429
+waits its Retry-After. A request counts when it finishes inside the measured window; its
 latency is its full round trip. Engines: the offline Scorer (one process, `score(items)`, same items), the
 service at each precision (a `polyreward serve` subprocess; POLYREWARD_* variables in this environment reach
 it), and `bench.naive_server` (one transformers forward per request). The load generator runs in this
@@ -28,9 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.offline import cpu_model, real_items, timed
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from bench.common import add_common, artifact_path, emit, pair_items, rmb_pairs, scorer_settings, timed
+from bench.machine import cpu_model
 
 READY_TIMEOUT = 180.0  # seconds for a server to load its model
 STOP_TIMEOUT = 30.0
@@ -41,7 +41,9 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 @dataclass
 class LoadResult:
     requests: int
-    errors: int
+    errors: int  # neither 200 nor 429
+    rejected: int  # 429, each with Retry-After
+    error_kinds: dict[str, int]  # status or exception → count, warm-up included
     latencies: list[float]
     seconds: float
     client_cpu: float  # cores this process kept busy during the window
@@ -62,6 +64,17 @@ def proc_cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -177,7 +190,8 @@ async def _drive(url: str, pid: int, bodies: list[bytes], clients: int, warmup: 
 
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     headers = {"content-type": "application/json"}
-    records: list[tuple[float, float, bool]] = []  # (end, latency, ok)
+    records: list[tuple[float, float, int]] = []  # (end, latency, status: 200, 429 with Retry-After, or -1)
+    error_kinds: dict[str, int] = {}
     counter = itertools.count()  # shared cursor over the items, so the mix matches the item set
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=REQUEST_TIMEOUT) as client:
         stop_at = time.monotonic() + warmup + duration
@@ -188,11 +202,16 @@ async def _drive(url: str, pid: int, bodies: list[bytes], clients: int, warmup: 
                 started = time.monotonic()
                 try:
                     r = await client.post("/v1/score", content=body, headers=headers)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
+                    status = r.status_code if r.status_code == 200 or "retry-after" in r.headers else -1
+                    kind = str(r.status_code)
+                except httpx.HTTPError as e:
+                    status, kind = -1, type(e).__name__
+                if status == -1:
+                    error_kinds[kind] = error_kinds.get(kind, 0) + 1
                 end = time.monotonic()
-                records.append((end, end - started, ok))
+                records.append((end, end - started, status))
+                if status == 429:
+                    await asyncio.sleep(float(r.headers["retry-after"]))
 
         tasks = [asyncio.create_task(one_client()) for _ in range(clients)]
         try:
@@ -204,21 +223,23 @@ async def _drive(url: str, pid: int, bodies: list[bytes], clients: int, warmup: 
             for t in tasks:  # requests still in flight do not count; stop waiting for them
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    inside = [(lat, ok) for end, lat, ok in records if first[0] <= end <= last[0]]
-    return inside, first, last
+    inside = [(lat, status) for end, lat, status in records if first[0] <= end <= last[0]]
+    return inside, first, last, error_kinds
 
 
 def run_load(server: Server, bodies: list[bytes], clients: int, warmup: float, duration: float) -> LoadResult:
     check_response(server.url, bodies[0])
     pid = server.proc.pid if server.proc else 0
-    inside, (t0, c0, s0, m0), (t1, c1, s1, m1) = asyncio.run(
+    inside, (t0, c0, s0, m0), (t1, c1, s1, m1), error_kinds = asyncio.run(
         _drive(server.url, pid, bodies, clients, warmup, duration)
     )
     seconds = t1 - t0
     return LoadResult(
         requests=len(inside),
-        errors=sum(not ok for _, ok in inside),
-        latencies=[lat for lat, ok in inside if ok],
+        errors=sum(status == -1 for _, status in inside),
+        rejected=sum(status == 429 for _, status in inside),
+        error_kinds=error_kinds,
+        latencies=[lat for lat, status in inside if status == 200],
         seconds=seconds,
         client_cpu=(c1 - c0) / seconds,
         server_cpu=(s1 - s0) / seconds if s0 is not None and s1 is not None else None,
@@ -234,7 +255,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def load_line(common: dict, engine: str, clients: int, r: LoadResult, **ratios) -> dict:
-    ips = (r.requests - r.errors) / r.seconds  # items scored: one item per request
+    ips = len(r.latencies) / r.seconds  # items scored: one item per answered request
     line = {
         **common,
         "engine": engine,
@@ -242,6 +263,8 @@ def load_line(common: dict, engine: str, clients: int, r: LoadResult, **ratios) 
         "seconds": round(r.seconds, 2),
         "requests": r.requests,
         "errors": r.errors,
+        "rejected_429": r.rejected,
+        "error_kinds": r.error_kinds or None,
         "items_per_s": round(ips, 2),
         "p50_ms": round(1000 * percentile(r.latencies, 0.5), 1) if r.latencies else None,
         "p99_ms": round(1000 * percentile(r.latencies, 0.99), 1) if r.latencies else None,
@@ -253,68 +276,74 @@ def load_line(common: dict, engine: str, clients: int, r: LoadResult, **ratios) 
     return line
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench load", description=__doc__)
-    parser.add_argument("--artifact", default="build/demo/artifact")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per server")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64, 256], help="concurrent clients")
+    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds per client count")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     parser.add_argument("--precision", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
-    parser.add_argument("--items", type=int, default=128, help="real items to cycle through")
-    parser.add_argument("--repeats", type=int, default=3, help="offline Scorer repeats (median)")
-    parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--skip-offline", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--pairs", type=int, default=64, help="RMB pairs whose sides the clients cycle through"
+    )
+    parser.add_argument("--naive", action="store_true", help="also the naive FastAPI + transformers server")
 
-    from models.scorer import DEFAULT_TOKEN_BUDGET, Scorer
-    from service.app import Settings
 
-    settings = Settings()  # the server's batching settings (POLYREWARD_*), used offline too
-    items, source = real_items(args.items)
+def run(args) -> list[dict]:
+    from models.scorer import Scorer
+
+    artifact = artifact_path(args.artifact)
+    items = pair_items(rmb_pairs(args.pairs))
     bodies = [json.dumps({"items": [it.model_dump(exclude_none=True)]}).encode() for it in items]
+    settings = scorer_settings(args.config)
     common = {
-        "workload": "load",
-        "items": len(items),
-        "source": source,
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "token_budget": settings.token_budget or DEFAULT_TOKEN_BUDGET["cpu"],
-        "max_batch_items": settings.max_batch_items,
-        "server_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("POLYREWARD_")},
-    }
-
-    def emit(line: dict) -> None:
-        print(json.dumps(line), flush=True)
-
+        "workload": "service", "items": len(items), "source": "rmb pairwise, both sides", "cpu": cpu_model(),
+        "cores": os.cpu_count(), "settings": settings or "defaults",
+    }  # fmt: skip
+    records = []
     offline: dict[str, float] = {}
-    if not args.skip_offline:
-        for precision in args.precision:
-            scorer = Scorer(
-                args.artifact, precision=precision, device="cpu",
-                token_budget=settings.token_budget, max_batch_items=settings.max_batch_items,
-            )  # fmt: skip
-            secs = timed(lambda s=scorer: s.score(items), args.repeats)
-            offline[precision] = len(items) / secs
-            emit({**common, "engine": f"offline-scorer-{precision}", "seconds": round(secs, 2),
-                  "items_per_s": round(offline[precision], 2)})  # fmt: skip
-            del scorer
-            gc.collect()
-
-    naive = None
-    if not args.skip_naive:
-        argv_naive = [sys.executable, "-m", "bench.naive_server", "--artifact", args.artifact]
-        with Server("naive", argv_naive) as server:
-            r = run_load(server, bodies, args.clients, args.warmup, args.duration)
-        naive = (r.requests - r.errors) / r.seconds
-        emit(load_line(common, "naive-fastapi-torch", args.clients, r, vs_offline=offline.get("fp32")))
-
     for precision in args.precision:
-        argv_serve = [sys.executable, "-m", "models.cli", "serve", args.artifact, "--precision", precision]
-        with Server(f"service-{precision}", argv_serve) as server:
-            r = run_load(server, bodies, args.clients, args.warmup, args.duration)
-        emit(
-            load_line(
-                common, f"service-{precision}", args.clients, r,
-                vs_offline=offline.get(precision), vs_naive=naive,
+        scorer = Scorer(artifact, precision=precision, device="cpu", **settings)
+        offline[precision] = len(items) / timed(lambda s=scorer: s.score(items), args.repeats)
+        records.append(
+            emit(
+                {
+                    **common,
+                    "engine": f"offline-scorer-{precision}",
+                    "items_per_s": round(offline[precision], 2),
+                },
+                args.json,
             )
-        )  # fmt: skip
+        )
+        del scorer
+        gc.collect()
+    serve_config = ["--config", args.config] if args.config else []
+    servers = [
+        (
+            f"service-{p}",
+            [sys.executable, "-m", "models.cli", "serve", str(artifact), "--precision", p, *serve_config],
+            p,
+        )
+        for p in args.precision
+    ]
+    if args.naive:
+        servers.append(
+            (
+                "naive-fastapi-torch",
+                [sys.executable, "-m", "bench.naive_server", "--artifact", str(artifact)],
+                "fp32",
+            )
+        )
+    for name, argv, precision in servers:
+        with Server(name, argv) as server:
+            for clients in args.clients:
+                r = run_load(server, bodies, clients, args.warmup, args.duration)
+                records.append(
+                    emit(load_line(common, name, clients, r, vs_offline=offline.get(precision)), args.json)
+                )
+    return records
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench service", description=__doc__)
+    add_args(parser)
+    run(parser.parse_args(argv))

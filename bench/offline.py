@@ -1,115 +1,117 @@
-"""Offline scoring throughput: `Scorer` (fp32, int8) vs a PyTorch eager baseline, same items, same run.
+"""Offline scoring: `Scorer` (fp32, int8) vs a PyTorch eager baseline, same items, same run.
 
 The baseline is what a few lines of transformers do (and OpenRLHF's serve_rm): the same backbone and heads,
-batches of 32 in arrival order, each padded to its longest item. Items are real responses from
-../shared/data/rmb (their real length distribution), or the packaged samples when the data is absent.
+batches of 32 in arrival order, each padded to its longest item. Items are both sides of real RMB pairs (their
+real length mix). Each engine also scores held-out UltraFeedback test pairs for pairwise accuracy, and the
+Scorers are checked for agreement with PyTorch (Spearman) and for scores that do not depend on the batch.
+Useful GFLOP/s counts 2 × non-embedding parameters × real tokens.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from bench.common import (
+    accuracy,
+    add_common,
+    artifact_path,
+    emit,
+    heldout_pairs,
+    pair_items,
+    rmb_pairs,
+    scorer_settings,
+    timed,
+)  # fmt: skip
+from bench.machine import cpu_model, gemm_gflops
 
 
-def real_items(n: int):
-    from models.inputs import Item
-    from models.parity import sample_items
-
-    path = Path(os.environ.get("POLYREWARD_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
-    path = path / "rmb/pairwise.jsonl.gz"
-    if not path.is_file():
-        return (sample_items() * (n // 40 + 1))[:n], "packaged samples"
-    with gzip.open(path, "rt") as f:
-        rows = [json.loads(line) for _, line in zip(range(n * 7), f, strict=False)][::7][:n]
-    items = [Item(messages=[*r["conversation"], {"role": "assistant", "content": r["chosen"]}]) for r in rows]
-    return items, "rmb pairwise (every 7th of the first rows)"
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("--pairs", type=int, default=128, help="RMB pairs to time (2 items each)")
+    parser.add_argument("--heldout", type=int, default=1000, help="held-out RMB pairs for accuracy (Scorers)")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t)
-    return statistics.median(runs)
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench offline", description=__doc__)
-    parser.add_argument(
-        "--artifact", default="build/demo/artifact", help="artifact with fp32 and int8 graphs"
-    )
-    parser.add_argument("--items", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-
-    import torch
-
+def torch_baseline(artifact: Path):
+    """(score(items) -> scores, non-embedding parameter count) of transformers + the same heads, batches of 32."""
     from models.artifact import HEADS_FILE, load_manifest
     from models.heads import load_heads
     from models.scorer import Scorer
     from models.torch_model import build_reward_model, load_backbone, score_torch
 
-    items, source = real_items(args.items)
-    manifest = load_manifest(args.artifact)
-    scorers = {
-        p: Scorer(args.artifact, precision=p, device="cpu") for p in ("fp32", "int8") if p in manifest.graphs
-    }
-    encoded = scorers["fp32"].encode(items)
-    tokens = sum(e.tokens for e in encoded)
+    manifest = load_manifest(artifact)
+    tokenizer_side = Scorer(artifact, precision="fp32", device="cpu")  # the same tokenization and templates
     _, backbone, _ = load_backbone(manifest.backbone.id)
-    model = build_reward_model(backbone, load_heads(Path(args.artifact) / HEADS_FILE), manifest.backbone.kind)
-    pad_id = scorers["fp32"].builder.pad_id
+    model = build_reward_model(backbone, load_heads(artifact / HEADS_FILE), manifest.backbone.kind)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
 
-    def torch_eager():
+    def score(items):
+        encoded = tokenizer_side.encode(items)
+        out = []
         for start in range(0, len(encoded), 32):
-            score_torch(model, encoded[start : start + 32], pad_id=pad_id)
+            out += score_torch(model, encoded[start : start + 32], pad_id=tokenizer_side.builder.pad_id)[
+                "score"
+            ].tolist()
+        return out
 
+    return score, params
+
+
+def batch_spread(scorer, items) -> float:
+    """Largest |score in a batch − score alone| over the items: 0 up to float noise when batches don't matter."""
+    together = [r.score for r in scorer.score(items)]
+    return max(abs(scorer.score([it])[0].score - s) for it, s in zip(items, together, strict=True))
+
+
+def run(args) -> list[dict]:
+    import torch
+    from scipy.stats import spearmanr
+
+    from models.scorer import Scorer
+
+    artifact = artifact_path(args.artifact)
+    items = pair_items(rmb_pairs(args.pairs))
+    heldout = pair_items(heldout_pairs(args.heldout))
+    settings = scorer_settings(args.config)
+    torch_score, params = torch_baseline(artifact)
+    scorers = {p: Scorer(artifact, precision=p, device="cpu", **settings) for p in ("fp32", "int8")}
+    tokens = sum(e.tokens for e in scorers["fp32"].encode(items))
+    gemm = gemm_gflops()
     common = {
-        "workload": "offline",
-        "items": len(items),
-        "real_tokens": tokens,
-        "source": source,
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "workload": "offline", "items": len(items), "real_tokens": tokens, "source": "rmb pairwise, both sides",
+        "cpu": cpu_model(), "cores": os.cpu_count(), "gemm_gflops": round(gemm, 1),
+        "non_embedding_params": params, "settings": settings or "defaults", "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
+    engines = {"pytorch-eager-b32": torch_score} | {
+        f"scorer-{p}": (lambda its, s=s: [r.score for r in s.score(its)]) for p, s in scorers.items()
     }
-    base = timed(torch_eager, args.repeats)
-    print(
-        json.dumps(
-            {**common, "engine": "pytorch-eager-b32", "seconds": base, "items_per_s": len(items) / base}
-        )
-    )
-    for precision, scorer in scorers.items():
-        secs = timed(lambda s=scorer: s.score(items), args.repeats)
-        print(
-            json.dumps(
-                {
-                    **common,
-                    "engine": f"scorer-{precision}",
-                    "seconds": secs,
-                    "items_per_s": len(items) / secs,
-                    "tokens_per_s": tokens / secs,
-                    "speedup_vs_pytorch": base / secs,
-                }
-            )
-        )
+    reference = torch_score(items)
+    records, base, fp32_accuracy = [], None, None
+    for name, score in engines.items():
+        seconds = timed(lambda score=score: score(items), args.repeats)
+        base = base or seconds
+        record = {
+            **common, "engine": name, "seconds": round(seconds, 3), "items_per_s": round(len(items) / seconds, 2),
+            "tokens_per_s": round(tokens / seconds), "useful_gflops": round(2 * params * tokens / seconds / 1e9, 1),
+            "gemm_pct": round(100 * 2 * params * tokens / seconds / 1e9 / gemm, 1),
+            "speedup_vs_pytorch": round(base / seconds, 2),
+            "spearman_vs_pytorch": round(float(spearmanr(reference, score(items))[0]), 4),
+        }  # fmt: skip
+        if name.startswith("scorer-"):  # PyTorch agrees with fp32 (Spearman above); accuracy is the Scorers'
+            scorer = scorers[name.removeprefix("scorer-")]
+            acc = accuracy(score(heldout))
+            fp32_accuracy = acc if fp32_accuracy is None else fp32_accuracy
+            record |= {
+                "heldout_pairs": len(heldout) // 2, "heldout_accuracy": round(acc, 2),
+                "accuracy_vs_fp32_points": round(acc - fp32_accuracy, 2),
+                "batch_spread": float(f"{batch_spread(scorer, items[:32]):.2g}"),
+            }  # fmt: skip
+        records.append(emit(record, args.json))
+    return records
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench offline", description=__doc__)
+    add_args(parser)
+    run(parser.parse_args(argv))

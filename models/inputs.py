@@ -298,13 +298,19 @@ def _run_length(ids: list[int], special: frozenset[int]) -> int:
 
 
 def collate(
-    batch: Sequence[Encoded], *, kind: Kind, pad_id: int, padding_side: Literal["left", "right"]
+    batch: Sequence[Encoded],
+    *,
+    kind: Kind,
+    pad_id: int,
+    padding_side: Literal["left", "right"],
+    dedup_prompts: bool = True,
 ) -> dict[str, np.ndarray]:
     """Pad a batch into the graph's int64 inputs.
 
     Every kind gets `input_ids` and `attention_mask` [N, L]. Decoders also get `gating_index` [N] (the gating
     position after padding). Encoders get their distinct prompts once each: `prompt_input_ids` and
-    `prompt_attention_mask` [P, Lp] and `prompt_index` [N] (row of each item's prompt).
+    `prompt_attention_mask` [P, Lp] and `prompt_index` [N] (row of each item's prompt); `dedup_prompts=False`
+    encodes every item's prompt (the baseline the deduplication is measured against).
     """
     ids, mask, offsets = pad_sequences([e.input_ids for e in batch], pad_id, padding_side)
     out = {"input_ids": ids, "attention_mask": mask}
@@ -313,10 +319,14 @@ def collate(
             [o + e.gating_pos for o, e in zip(offsets, batch, strict=True)], np.int64
         )
     else:
-        rows: dict[tuple[int, ...], int] = {}
-        index = [rows.setdefault(e.prompt_ids or (), len(rows)) for e in batch]
+        if dedup_prompts:
+            rows: dict[tuple[int, ...], int] = {}
+            index = [rows.setdefault(e.prompt_ids or (), len(rows)) for e in batch]
+            prompts = list(rows)
+        else:
+            index, prompts = list(range(len(batch))), [e.prompt_ids or () for e in batch]
         out["prompt_input_ids"], out["prompt_attention_mask"], _ = pad_sequences(
-            list(rows), pad_id, padding_side
+            prompts, pad_id, padding_side
         )
         out["prompt_index"] = np.array(index, np.int64)
     return out

@@ -58,6 +58,17 @@ class ScoreResult:
 DEFAULT_TOKEN_BUDGET = {"cpu": 512, "gpu": 16384}
 
 
+def resolve_device(device: str) -> str:
+    """ "auto" → "cuda" when onnxruntime-gpu sees a GPU, else "cpu"; anything else is checked and kept."""
+    import onnxruntime as ort
+
+    if device not in ("auto", *_PROVIDERS):
+        raise PolyrewardError(f"device: {device!r} is not one of auto, {', '.join(_PROVIDERS)}")
+    if device != "auto":
+        return device
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
 class Scorer:
     """Loads an artifact (checking its files' sha256) and scores items with ONNX Runtime.
 
@@ -68,6 +79,9 @@ class Scorer:
     token_budget / max_batch_items: a batch holds at most this many padded tokens / items. The default budget
     is 512 tokens on a CPU (measured with MiniLM on 2 cores: one 256-token sequence already keeps the cores
     busy, so bigger batches only add padding; 512 gave 1.6-2x the items/s of 16384) and 16384 on a GPU.
+    `polyreward tune` measures the best budget for an artifact on this machine.
+    threads / spin: ONNX Runtime's intra-op threads (default: one per core) and whether they spin while
+    waiting for work (default: ORT's, on). Spinning is faster alone and slower beside other busy threads.
     """
 
     def __init__(
@@ -79,18 +93,16 @@ class Scorer:
         token_budget: int | None = None,
         max_batch_items: int = 64,
         threads: int | None = None,
+        spin: bool | None = None,
     ):
         import onnxruntime as ort
         from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: that imports torch when present
 
-        if device not in ("auto", *_PROVIDERS):
-            raise PolyrewardError(f"device: {device!r} is not one of auto, {', '.join(_PROVIDERS)}")
         if precision not in ("auto", *PRECISIONS):
             raise PolyrewardError(f"precision: {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
         self.artifact = Path(artifact)
         available = ort.get_available_providers()
-        if device == "auto":
-            device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        device = resolve_device(device)
         self.manifest: Manifest = load_manifest(self.artifact)
         if precision == "auto":
             graphs = self.manifest.graphs
@@ -102,11 +114,14 @@ class Scorer:
         self.builder = InputBuilder(tokenizer, self.manifest.backbone.kind, self.manifest.input)
         self.token_budget = token_budget or DEFAULT_TOKEN_BUDGET["cpu" if device == "cpu" else "gpu"]
         self.max_batch_items = max_batch_items
+        self.dedup_prompts = True  # items of one batch that share a prompt share its gating pass
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if spin is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         requested = _PROVIDERS[device]
         usable = [p for p in requested if p in available]
         graph = self.artifact / self.manifest.graphs[precision].file
@@ -139,6 +154,7 @@ class Scorer:
             kind=self.builder.kind,
             pad_id=self.builder.pad_id,
             padding_side=self.manifest.input.padding_side,
+            dedup_prompts=self.dedup_prompts,
         )
         return {name: arrays[name] for name in self.input_names}
 

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import logging
 import math
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -23,13 +24,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, JsonConfigSettingsSource, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import PolyrewardError, describe, describe_errors
 from models.inputs import InputRejected, Item
 from models.manifest import Truncation
-from models.scorer import Scorer, ScoreResult
+from models.scorer import Scorer, ScoreResult, resolve_device
 from service.batcher import Batcher, QueueFull, Timing
 from service.metrics import Metrics
 from service.schemas import (
@@ -50,7 +51,8 @@ log = logging.getLogger("polyreward.service")
 
 
 class Settings(BaseSettings):
-    """Server settings: `POLYREWARD_*` environment variables, overridden by `polyreward serve` flags."""
+    """Server settings: `polyreward serve` flags, then `POLYREWARD_*` environment variables, then the JSON file
+    named by POLYREWARD_CONFIG (`polyreward tune` writes one), then the defaults."""
 
     model_config = SettingsConfigDict(env_prefix="POLYREWARD_", extra="ignore")
     api_keys: list[str] = Field(default_factory=list, description="accepted Bearer keys (none: no auth)")
@@ -59,6 +61,11 @@ class Settings(BaseSettings):
     device: str = "auto"
     token_budget: int | None = Field(None, ge=64, description="padded tokens per batch [512 CPU, 16384 GPU]")
     max_batch_items: int = Field(64, ge=1)
+    workers: int | None = Field(None, ge=1, description="batches run side by side [2 on CPU, 1 on GPU]")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per batch [one per core]")
+    spin: bool | None = Field(
+        None, description="ONNX Runtime threads spin while idle [off with 2+ CPU workers]"
+    )
     max_wait_ms: float = Field(2.0, ge=0)
     max_queue_items: int = Field(4096, ge=1)
     max_items_per_request: int = Field(256, ge=1)
@@ -67,6 +74,15 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(
         5.0, ge=0, description="after SIGTERM: /ready answers 503 this long while requests are still served"
     )
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_other):
+        path = os.environ.get("POLYREWARD_CONFIG")
+        if not path:
+            return init_settings, env_settings
+        if not Path(path).is_file():
+            raise PolyrewardError(f"POLYREWARD_CONFIG: {path}: not found")
+        return init_settings, env_settings, JsonConfigSettingsSource(settings_cls, json_file=path)
 
     def api_key_list(self) -> list[str]:
         keys = list(self.api_keys)
@@ -100,16 +116,25 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        device = resolve_device(settings.device)
+        # On a CPU, two batches side by side, each free to use every core, threads parked rather than spinning
+        # (measured on 2 cores under 64 single-item clients: 0.84-0.93x the offline Scorer's items/s, against
+        # 0.74x for one batch at a time, while one client alone keeps its latency).
+        cpu = device == "cpu"
+        workers = settings.workers or (2 if cpu else 1)
+        spin = settings.spin if settings.spin is not None else (False if cpu and workers > 1 else None)
         for path in artifacts:
             scorer = Scorer(
-                path, precision=settings.precision, device=settings.device,  # type: ignore[arg-type]
+                path, precision=settings.precision, device=device,  # type: ignore[arg-type]
                 token_budget=settings.token_budget, max_batch_items=settings.max_batch_items,
+                threads=settings.threads, spin=spin,
             )  # fmt: skip
             name = scorer.manifest.name
             if name in models:
                 raise PolyrewardError(f"two artifacts are both named {name!r}; models need distinct names")
             batcher = Batcher(
                 scorer, max_queue_items=settings.max_queue_items, max_wait=settings.max_wait_ms / 1000,
+                workers=workers,
                 on_batch=metrics.on_batch(name),
             )  # fmt: skip
             batcher.start()

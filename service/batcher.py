@@ -68,7 +68,12 @@ class _Pending:
 
 
 class Batcher:
-    """One model's queue, prepare thread and inference thread. `start()` before use, `stop()` drains it."""
+    """One model's queue, prepare thread and inference threads. `start()` before use, `stop()` drains it.
+
+    `workers` inference threads run batches side by side on the one session (ONNX Runtime allows concurrent
+    runs); on a CPU, two single-threaded runs lose less to the server's other threads than one run that
+    splits every operator across both cores.
+    """
 
     def __init__(
         self,
@@ -78,6 +83,7 @@ class Batcher:
         max_wait: float = 0.002,
         window_items: int | None = None,
         tokenizer_threads: int = 1,
+        workers: int = 1,
         on_batch: Callable[[BatchStats], None] | None = None,
     ):
         self.scorer = scorer
@@ -87,16 +93,21 @@ class Batcher:
         self.on_batch = on_batch
         self._pending: deque[_Pending] = deque()
         self._cond = threading.Condition()
-        self._prepared: queue.Queue = queue.Queue(maxsize=1)
-        # At most one batch prepared ahead: the next one is picked only once the device has taken the last one,
-        # so it is formed from everything that arrived meanwhile (fuller, better-sorted batches).
-        self._slot = threading.Semaphore(1)
-        self._busy = threading.Event()  # the infer thread is running a batch
+        self.workers = workers
+        self._prepared: queue.Queue = queue.Queue(maxsize=workers)
+        # At most one batch prepared ahead per worker: the next one is picked only once a worker has taken the
+        # last one, so it is formed from everything that arrived meanwhile (fuller, better-sorted batches).
+        self._slot = threading.Semaphore(workers)
+        self._running = 0  # batches in inference; the device is busy when every worker runs one
+        self._running_lock = threading.Lock()
         self._stopping = False
         self._tokenize = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
         self._threads = [
             threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
-            threading.Thread(target=self._infer_loop, name="infer", daemon=True),
+            *(
+                threading.Thread(target=self._infer_loop, name=f"infer-{i}", daemon=True)
+                for i in range(workers)
+            ),
         ]
         self._seconds_per_item = 0.01  # running estimate, for Retry-After
 
@@ -142,7 +153,7 @@ class Batcher:
             if self._stopping:
                 raise QueueFull(retry_after=1.0)
             if len(self._pending) + len(encoded) > self.max_queue_items:
-                raise QueueFull(max(0.1, len(self._pending) * self._seconds_per_item))
+                raise QueueFull(max(0.1, len(self._pending) * self._seconds_per_item / self.workers))
             pending = [_Pending(e, loop.create_future(), loop) for e in encoded]
             self._pending.extend(pending)
             self._cond.notify()
@@ -177,7 +188,8 @@ class Batcher:
                     self._cond.wait()
                     continue
                 # The device is busy: a short wait lets more items join this batch at no cost.
-                if not waited and self._busy.is_set() and len(self._pending) < self.scorer.max_batch_items:
+                busy = self._running >= self.workers
+                if not waited and busy and len(self._pending) < self.scorer.max_batch_items:
                     waited = True
                     self._cond.wait(self.max_wait)
                     continue
@@ -202,14 +214,16 @@ class Batcher:
                 self._slot.release()
                 continue
             self._prepared.put((batch, feeds))
-        self._prepared.put(None)
+        for _ in range(self.workers):
+            self._prepared.put(None)
 
     def _infer_loop(self) -> None:
         while (job := self._prepared.get()) is not None:
             batch, feeds = job
             started = time.monotonic()
-            self._busy.set()
-            self._slot.release()  # after _busy: the next batch then waits max_wait for more items
+            with self._running_lock:
+                self._running += 1
+            self._slot.release()  # after counting this run: the next batch then waits max_wait for more items
             try:
                 outputs = self.scorer.infer(feeds)
             except Exception as e:
@@ -217,7 +231,8 @@ class Batcher:
                 _fail(batch, e)
                 continue
             finally:
-                self._busy.clear()
+                with self._running_lock:
+                    self._running -= 1
             seconds = time.monotonic() - started
             self._seconds_per_item = 0.9 * self._seconds_per_item + 0.1 * seconds / len(batch)
             for row, p in enumerate(batch):

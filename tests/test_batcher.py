@@ -29,13 +29,14 @@ def run_with(scorer, coro_fn, **options):
         batcher.stop(timeout=30)
 
 
-def test_concurrent_single_item_requests_are_batched_and_match_offline(scorer, mixed_items):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_single_item_requests_are_batched_and_match_offline(scorer, mixed_items, workers):
     items = mixed_items[:64]
 
     async def clients(batcher):
         return await asyncio.gather(*(batcher.score([it]) for it in items))
 
-    results, stats, _ = run_with(scorer, clients)
+    results, stats, _ = run_with(scorer, clients, workers=workers)
     offline = scorer.score(items)
     got = np.array([r[0].rewards + r[0].gating + [r[0].score] for r in results])
     want = np.array([r.rewards + r.gating + [r.score] for r in offline])
@@ -119,3 +120,29 @@ def test_stop_finishes_queued_work(scorer, mixed_items, monkeypatch):
     assert len(results) == 20 and all(len(r) == 1 for r in results)
     assert sum(s.items for s in stats) == 20
     assert isinstance(refused, QueueFull)  # a draining batcher takes no new work
+
+
+def test_two_workers_run_batches_side_by_side(scorer, mixed_items, monkeypatch):
+    running, most = 0, 0
+    lock = threading.Lock()
+    real_infer = scorer.infer
+
+    def infer(feeds):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return real_infer(feeds)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(scorer, "infer", infer)
+
+    async def clients(batcher):
+        return await asyncio.gather(*(batcher.score([it]) for it in mixed_items[:48]))
+
+    results, stats, _ = run_with(scorer, clients, workers=2)
+    assert most == 2  # two batches were in the session at once
+    assert sum(s.items for s in stats) == 48 and all(len(r) == 1 for r in results)
