@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import decoder, export_memory, grpo, load, machine, offline, report, rescore, soak
+from bench import decoder, export_memory, grpo, load, machine, offline, peer, report, rescore, soak
 
 WORKLOADS = {
     "all": report.main,
@@ -23,6 +23,7 @@ WORKLOADS = {
     "grpo": grpo.main,
     "service": load.main,
     "rescore": rescore.main,
+    "peer": peer.main,
     "soak": soak.main,
     "export-memory": export_memory.main,
     "decoder": decoder.main,

@@ -120,8 +120,18 @@ def batch_stats(before: dict[str, float], after: dict[str, float], seconds: floa
 class Server:
     """A server subprocess on a free port; always terminated on exit (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        ready_path: str = "/ready",
+        env: dict | None = None,
+        cwd: Path | None = None,
+    ):
         self.name = name
+        self.cwd = cwd
+        self.ready_path = ready_path
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.argv = [*argv, "--port", str(self.port)]
@@ -131,15 +141,17 @@ class Server:
     def __enter__(self) -> Server:
         import httpx
 
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd
+        )
         deadline = time.monotonic() + READY_TIMEOUT
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                         return self
                 time.sleep(0.25)
             raise RuntimeError(f"{self.name} not ready after {READY_TIMEOUT:g}s:\n{self.log_tail()}")
@@ -184,7 +196,9 @@ def _marks(url: str, pid: int) -> tuple:
     return time.monotonic(), time.process_time(), proc_cpu_seconds(pid), scrape(url)
 
 
-async def _drive(url: str, pid: int, bodies: list[bytes], clients: int, warmup: float, duration: float):
+async def _drive(
+    url: str, pid: int, bodies: list[bytes], clients: int, warmup: float, duration: float, path: str
+):
     """Run the clients; return the requests that ended inside the measured window and its start/end marks."""
     import httpx
 
@@ -201,7 +215,7 @@ async def _drive(url: str, pid: int, bodies: list[bytes], clients: int, warmup: 
                 body = bodies[next(counter) % len(bodies)]
                 started = time.monotonic()
                 try:
-                    r = await client.post("/v1/score", content=body, headers=headers)
+                    r = await client.post(path, content=body, headers=headers)
                     status = r.status_code if r.status_code == 200 or "retry-after" in r.headers else -1
                     kind = str(r.status_code)
                 except httpx.HTTPError as e:
@@ -227,11 +241,14 @@ async def _drive(url: str, pid: int, bodies: list[bytes], clients: int, warmup: 
     return inside, first, last, error_kinds
 
 
-def run_load(server: Server, bodies: list[bytes], clients: int, warmup: float, duration: float) -> LoadResult:
-    check_response(server.url, bodies[0])
+def run_load(
+    server: Server, bodies: list[bytes], clients: int, warmup: float, duration: float, path: str = "/v1/score"
+) -> LoadResult:
+    if path == "/v1/score":
+        check_response(server.url, bodies[0])
     pid = server.proc.pid if server.proc else 0
     inside, (t0, c0, s0, m0), (t1, c1, s1, m1), error_kinds = asyncio.run(
-        _drive(server.url, pid, bodies, clients, warmup, duration)
+        _drive(server.url, pid, bodies, clients, warmup, duration, path)
     )
     seconds = t1 - t0
     return LoadResult(

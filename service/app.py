@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     token_budget: int | None = Field(None, ge=64, description="padded tokens per batch [512 CPU, 16384 GPU]")
     max_batch_items: int = Field(64, ge=1)
     workers: int | None = Field(None, ge=1, description="batches run side by side [2 on CPU, 1 on GPU]")
-    threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per batch [one per core]")
+    threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime threads per batch [the CPUs the container may use]"
+    )
     spin: bool | None = Field(
         None, description="ONNX Runtime threads spin while idle [off with 2+ CPU workers]"
     )
@@ -89,6 +91,22 @@ class Settings(BaseSettings):
         if self.api_key_file:
             keys += [k.strip() for k in self.api_key_file.read_text().splitlines() if k.strip()]
         return keys
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's CPU limit;
+    os.cpu_count() reports the whole node, and one ORT thread per node core would thrash a 2-CPU pod)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 class ApiError(Exception):
@@ -122,12 +140,13 @@ def create_app(artifacts: list[Path], settings: Settings | None = None) -> FastA
         # 0.74x for one batch at a time, while one client alone keeps its latency).
         cpu = device == "cpu"
         workers = settings.workers or (2 if cpu else 1)
+        threads = settings.threads or (available_cpus() if cpu else None)
         spin = settings.spin if settings.spin is not None else (False if cpu and workers > 1 else None)
         for path in artifacts:
             scorer = Scorer(
                 path, precision=settings.precision, device=device,  # type: ignore[arg-type]
                 token_budget=settings.token_budget, max_batch_items=settings.max_batch_items,
-                threads=settings.threads, spin=spin,
+                threads=threads, spin=spin,
             )  # fmt: skip
             name = scorer.manifest.name
             if name in models:

@@ -8,9 +8,10 @@ import subprocess
 import numpy as np
 from test_cli import POLYREWARD
 
+import service.app
 from models.inputs import Item
 from models.scorer import Scorer
-from service.app import Settings
+from service.app import Settings, available_cpus
 
 
 def test_tune_writes_the_fastest_candidate(export_family, tmp_path):
@@ -71,3 +72,16 @@ def test_prompt_deduplication_changes_no_score(export_family, mixed_items):
     assert len(scorer.collate(scorer.encode(group))["prompt_input_ids"]) == 4
     alone = scorer.score(mixed_items + group)
     assert np.allclose([r.score for r in shared], [r.score for r in alone], atol=1e-5)
+
+
+def test_threads_follow_the_container_cpu_limit(tmp_path, monkeypatch):
+    """A pod limited to half a CPU on a big node gets one ORT thread per batch, not one per node core."""
+    limit = tmp_path / "cpu.max"
+    monkeypatch.setattr(service.app, "CGROUP_CPU_MAX", limit)
+    unlimited = available_cpus()  # no file: the affinity mask
+    limit.write_text("50000 100000\n")
+    assert available_cpus() == 1
+    limit.write_text("250000 100000\n")
+    assert available_cpus() == min(unlimited, 3)
+    limit.write_text("max 100000\n")
+    assert available_cpus() == unlimited
