@@ -22,7 +22,6 @@ from bench.common import (
     pair_items,
     rmb_pairs,
     scorer_settings,
-    timed,
 )  # fmt: skip
 from bench.machine import cpu_model, gemm_gflops
 
@@ -30,6 +29,7 @@ from bench.machine import cpu_model, gemm_gflops
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
     parser.add_argument("--pairs", type=int, default=128, help="RMB pairs to time (2 items each)")
+    parser.set_defaults(repeats=5)
     parser.add_argument("--heldout", type=int, default=1000, help="held-out RMB pairs for accuracy (Scorers)")
 
 
@@ -64,6 +64,23 @@ def batch_spread(scorer, items) -> float:
     return max(abs(scorer.score([it])[0].score - s) for it, s in zip(items, together, strict=True))
 
 
+def interleaved(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per engine, the engines taking turns (one warm-up each, then round after round), so a
+    noisy neighbour on a shared machine slows every engine alike instead of whichever ran at the time."""
+    import statistics
+    import time
+
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def run(args) -> list[dict]:
     import torch
     from scipy.stats import spearmanr
@@ -86,16 +103,19 @@ def run(args) -> list[dict]:
     engines = {"pytorch-eager-b32": torch_score} | {
         f"scorer-{p}": (lambda its, s=s: [r.score for r in s.score(its)]) for p, s in scorers.items()
     }
-    reference = torch_score(items)
-    records, base, fp32_accuracy = [], None, None
+    reference = torch_score(items)  # also the baseline's warm-up
+    seconds = interleaved(
+        {name: (lambda score=score: score(items)) for name, score in engines.items()}, args.repeats
+    )
+    base = seconds["pytorch-eager-b32"]
+    records, fp32_accuracy = [], None
     for name, score in engines.items():
-        seconds = timed(lambda score=score: score(items), args.repeats)
-        base = base or seconds
         record = {
-            **common, "engine": name, "seconds": round(seconds, 3), "items_per_s": round(len(items) / seconds, 2),
-            "tokens_per_s": round(tokens / seconds), "useful_gflops": round(2 * params * tokens / seconds / 1e9, 1),
-            "gemm_pct": round(100 * 2 * params * tokens / seconds / 1e9 / gemm, 1),
-            "speedup_vs_pytorch": round(base / seconds, 2),
+            **common, "engine": name, "seconds": round(seconds[name], 3),
+            "items_per_s": round(len(items) / seconds[name], 2), "tokens_per_s": round(tokens / seconds[name]),
+            "useful_gflops": round(2 * params * tokens / seconds[name] / 1e9, 1),
+            "gemm_pct": round(100 * 2 * params * tokens / seconds[name] / 1e9 / gemm, 1),
+            "speedup_vs_pytorch": round(base / seconds[name], 2),
             "spearman_vs_pytorch": round(float(spearmanr(reference, score(items))[0]), 4),
         }  # fmt: skip
         if name.startswith("scorer-"):  # PyTorch agrees with fp32 (Spearman above); accuracy is the Scorers'

@@ -124,7 +124,8 @@ def write_report(records: list[dict], out: Path, args, seconds: float) -> None:
             "",
             f"{rows[0]['items']} items, both sides of RMB pairs ({rows[0]['real_tokens']} real tokens). "
             "Baseline: transformers + the same heads, batches of 32 padded to their longest (OpenRLHF's "
-            f"serve_rm), {rows[0]['torch_threads']} torch threads. Scorer settings: {settings}. Useful GFLOP/s = "
+            f"serve_rm), {rows[0]['torch_threads']} torch threads. The engines take turns, round after round, and "
+            f"each row is the median of its rounds. Scorer settings: {settings}. Useful GFLOP/s = "
             f"2 × {rows[0]['non_embedding_params'] / 1e6:.1f}M non-embedding parameters × real tokens / s "
             "(gemm_pct above 100 is possible for int8, whose GEMMs outrun fp32's). Accuracy: held-out RMB pairs. "
             "batch_spread: the largest change of a score between being scored alone and inside a batch.",

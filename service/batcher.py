@@ -71,8 +71,8 @@ class Batcher:
     """One model's queue, prepare thread and inference threads. `start()` before use, `stop()` drains it.
 
     `workers` inference threads run batches side by side on the one session (ONNX Runtime allows concurrent
-    runs); on a CPU, two single-threaded runs lose less to the server's other threads than one run that
-    splits every operator across both cores.
+    runs); on a CPU, while one batch waits on a core the server's other threads took, the other keeps the
+    cores busy (measured in docs/performance.md).
     """
 
     def __init__(
