@@ -354,9 +354,9 @@ def run(args) -> list[dict]:
         with Server(name, argv) as server:
             for clients in args.clients:
                 r = run_load(server, bodies, clients, args.warmup, args.duration)
-                records.append(
-                    emit(load_line(common, name, clients, r, vs_offline=offline.get(precision)), args.json)
-                )
+                line = load_line(common, name, clients, r, vs_offline=offline.get(precision))
+                line["server_peak_rss_mb"] = round(peak_rss_mb(server.proc.pid) or 0)
+                records.append(emit(line, args.json))
     return records
 
 

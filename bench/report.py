@@ -180,7 +180,8 @@ def write_report(records: list[dict], out: Path, args, seconds: float) -> None:
             f"{r['max_items_per_s']} measured with 64 clients) for {r['minutes']:g} minutes, open loop: "
             f"{r['requests']} requests, statuses {r['statuses']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms. "
             f"Resident memory {r['rss_start_mb']} MB at start, {r['rss_settled_mb']} MB after the first minute, "
-            f"{r['rss_end_mb']} MB at the end: **{r['rss_growth_pct']} %** growth. Samples every 10 s (MB): "
+            f"{r['rss_end_mb']} MB at the end: **{r['rss_growth_pct']} %** growth; peak "
+            f"{r.get('rss_peak_mb', 'not recorded')} MB. Samples every 10 s (MB): "
             f"{r['rss_samples_mb']}.",
             "",
         ]

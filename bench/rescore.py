@@ -70,7 +70,7 @@ def run(args) -> list[dict]:
                 summary = rescore_cli(source, Path(tmp) / name, engines[name], args.precision)
             records.append(emit({
                 **common, "engine": name, "rows": summary["rows"], "rows_per_s": summary["rows_per_s"],
-                "wall_seconds": round(summary["wall_seconds"], 1), "accuracy": summary.get("accuracy"),
+                "wall_seconds": round(summary["wall_seconds"], 1), "accuracy": summary.get("pairs", {}).get("accuracy"),
             }, args.json))  # fmt: skip
     return records
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench.common import add_common, artifact_path, emit, pair_items, rmb_pairs
-from bench.load import Server, percentile, run_load
+from bench.load import Server, peak_rss_mb, percentile, run_load
 from bench.machine import cpu_model
 
 
@@ -105,6 +105,7 @@ def run(args) -> list[dict]:
         result = asyncio.run(
             soak(server.url, server.proc.pid, bodies, args.load * maximum, 60 * args.minutes)
         )
+        result["rss_peak_mb"] = round(peak_rss_mb(server.proc.pid) or 0)  # the 64-client run included
     record = {
         "workload": "soak", "precision": args.precision, "cpu": cpu_model(), "minutes": args.minutes,
         "max_items_per_s": round(maximum, 2), "target_items_per_s": round(args.load * maximum, 2), **result,
