@@ -1,4 +1,4 @@
-"""The baseline server for `python -m bench load`: FastAPI plus one transformers forward per request.
+"""The baseline server for `python -m bench service --naive`: FastAPI plus one transformers forward per request.
 
 What a few lines of FastAPI around a PyTorch reward model look like: a plain sync endpoint (FastAPI runs it
 in its thread pool), each request's items tokenized and run as one padded batch, no batching across requests.
