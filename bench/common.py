@@ -85,6 +85,19 @@ def scorer_settings(config: str | None) -> dict:
     }
 
 
+def serve_argv(artifact: Path, precision: str, config: str | None) -> list[str]:
+    """`polyreward serve` for one artifact and precision, with a `polyreward tune` file when given."""
+    import sys
+
+    argv = [sys.executable, "-m", "models.cli", "serve", str(artifact), "--precision", precision]
+    return argv + (["--config", config] if config else [])
+
+
+def score_bodies(items) -> list[bytes]:
+    """One single-item /v1/score request body per item (what OpenRLHF's workers send)."""
+    return [json.dumps({"items": [it.model_dump(exclude_none=True)]}).encode() for it in items]
+
+
 def emit(record: dict, as_json: bool) -> dict:
     if as_json:
         print(json.dumps(record), flush=True)

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import gc
 import itertools
-import json
 import os
 import signal
 import socket
@@ -29,7 +28,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import add_common, artifact_path, emit, pair_items, rmb_pairs, scorer_settings, timed
+from bench.common import (
+    add_common,
+    artifact_path,
+    emit,
+    pair_items,
+    rmb_pairs,
+    score_bodies,
+    scorer_settings,
+    serve_argv,
+    timed,
+)  # fmt: skip
 from bench.machine import cpu_model
 
 READY_TIMEOUT = 180.0  # seconds for a server to load its model
@@ -310,7 +319,7 @@ def run(args) -> list[dict]:
 
     artifact = artifact_path(args.artifact)
     items = pair_items(rmb_pairs(args.pairs))
-    bodies = [json.dumps({"items": [it.model_dump(exclude_none=True)]}).encode() for it in items]
+    bodies = score_bodies(items)
     settings = scorer_settings(args.config)
     common = {
         "workload": "service", "items": len(items), "source": "rmb pairwise, both sides", "cpu": cpu_model(),
@@ -333,15 +342,7 @@ def run(args) -> list[dict]:
         )
         del scorer
         gc.collect()
-    serve_config = ["--config", args.config] if args.config else []
-    servers = [
-        (
-            f"service-{p}",
-            [sys.executable, "-m", "models.cli", "serve", str(artifact), "--precision", p, *serve_config],
-            p,
-        )
-        for p in args.precision
-    ]
+    servers = [(f"service-{p}", serve_argv(artifact, p, args.config), p) for p in args.precision]
     if args.naive:
         servers.append(
             (

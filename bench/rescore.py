@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import add_common, artifact_path, emit, rmb_pairs
+from bench.common import add_common, artifact_path, emit, rmb_pairs, serve_argv
 from bench.load import Server
 from bench.machine import cpu_model
 
@@ -50,24 +50,12 @@ def run(args) -> list[dict]:
         source = Path(tmp) / "rmb.jsonl.gz"
         with gzip.open(source, "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in rmb_pairs(args.pairs))
-        engines = {"local": ["--artifact", str(artifact)]}
-        config = ["--config", args.config] if args.config else []
-        serve = [
-            sys.executable,
-            "-m",
-            "models.cli",
-            "serve",
-            str(artifact),
-            "--precision",
-            args.precision,
-            *config,
-        ]
         for name in ("local", "remote"):
-            if name == "remote":
-                with Server("rescore-remote", serve) as server:
-                    summary = rescore_cli(source, Path(tmp) / name, ["--url", server.url], args.precision)
+            if name == "local":
+                summary = rescore_cli(source, Path(tmp) / name, ["--artifact", str(artifact)], args.precision)
             else:
-                summary = rescore_cli(source, Path(tmp) / name, engines[name], args.precision)
+                with Server("rescore-remote", serve_argv(artifact, args.precision, args.config)) as server:
+                    summary = rescore_cli(source, Path(tmp) / name, ["--url", server.url], args.precision)
             records.append(emit({
                 **common, "engine": name, "rows": summary["rows"], "rows_per_s": summary["rows_per_s"],
                 "wall_seconds": round(summary["wall_seconds"], 1), "accuracy": summary.get("pairs", {}).get("accuracy"),

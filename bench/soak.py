@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
 import time
 from pathlib import Path
 
-from bench.common import add_common, artifact_path, emit, pair_items, rmb_pairs
+from bench.common import add_common, artifact_path, emit, pair_items, rmb_pairs, score_bodies, serve_argv
 from bench.load import Server, peak_rss_mb, percentile, run_load
 from bench.machine import cpu_model
 
@@ -87,18 +85,8 @@ async def soak(url: str, pid: int, bodies: list[bytes], rate: float, seconds: fl
 def run(args) -> list[dict]:
     artifact = artifact_path(args.artifact)
     items = pair_items(rmb_pairs(args.pairs))
-    bodies = [json.dumps({"items": [it.model_dump(exclude_none=True)]}).encode() for it in items]
-    config = ["--config", args.config] if args.config else []
-    argv = [
-        sys.executable,
-        "-m",
-        "models.cli",
-        "serve",
-        str(artifact),
-        "--precision",
-        args.precision,
-        *config,
-    ]
+    bodies = score_bodies(items)
+    argv = serve_argv(artifact, args.precision, args.config)
     with Server("soak", argv) as server:
         peak = run_load(server, bodies, 64, 3.0, 15.0)
         maximum = len(peak.latencies) / peak.seconds
