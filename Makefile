@@ -7,6 +7,7 @@ export HF_HUB_OFFLINE := 1
 
 # torch==2.13.0 first: an unpinned torch would pull the newest CUDA build (several GB).
 $(BIN)/polyreward: pyproject.toml
+	@echo "creating $(VENV): CPU PyTorch 2.13 and polyreward with its extras (once; about 3-4 minutes)" >&2
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
@@ -51,9 +52,10 @@ deploy-check: $(BIN)/polyreward $(HELM)
 	$(BIN)/kubernetes-validate --strict --quiet build/deploy/default.yaml build/deploy/gpu.yaml
 	promtool check rules $(CHART)/files/alerts.yaml
 	promtool test rules tests/monitoring/alerts_test.yaml
-	HELM=$(HELM) $(BIN)/pytest -q tests/test_deploy.py
+	HELM=$(HELM) $(BIN)/pytest -q tests/deploy
 
+# The whole check (deploy-check included): about 12 minutes on 2 CPU cores (README, Development).
 test: $(BIN)/polyreward deploy-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q --ignore=tests/test_deploy.py
+	$(BIN)/pytest -q --ignore=tests/deploy

@@ -29,13 +29,13 @@ def rmb_pairs(n: int) -> list[dict]:
 
 def pair_items(rows: list[dict]):
     """[chosen_0, rejected_0, chosen_1, ...] as Items (RMB conversations or prompt strings)."""
-    from models.inputs import Item
+    from polyreward.models.runtime.items import ChatItem
 
     items = []
     for r in rows:
         turns = r["conversation"] if "conversation" in r else [{"role": "user", "content": r["prompt"]}]
         items += [
-            Item(messages=[*turns, {"role": "assistant", "content": r[side]}])
+            ChatItem(messages=[*turns, {"role": "assistant", "content": r[side]}])
             for side in ("chosen", "rejected")
         ]
     return items
@@ -44,7 +44,7 @@ def pair_items(rows: list[dict]):
 def heldout_pairs(n: int) -> list[dict]:
     """n RMB pairs from the default recipe's held-out split (configs/default.yaml: rmb, holdout 0.15 by
     pair_uid), never trained on, from the end of the file (the timed items come from its start)."""
-    from training.data import split_of
+    from polyreward.training.data import split_of
 
     rows = jsonl(DATA / "rmb/pairwise.jsonl.gz")
     held = [r for r in rows if split_of("rmb", str(r["pair_uid"]), 0.15) == "test"]
@@ -70,7 +70,7 @@ def timed(fn, repeats: int) -> float:
 def artifact_path(given: str | None) -> Path:
     if given:
         return Path(given)
-    from service.cli import default_artifact
+    from polyreward.models.default import default_artifact
 
     return default_artifact()
 
@@ -89,7 +89,7 @@ def serve_argv(artifact: Path, precision: str, config: str | None) -> list[str]:
     """`polyreward serve` for one artifact and precision, with a `polyreward tune` file when given."""
     import sys
 
-    argv = [sys.executable, "-m", "models.cli", "serve", str(artifact), "--precision", precision]
+    argv = [sys.executable, "-m", "polyreward.models.cli", "serve", str(artifact), "--precision", precision]
     return argv + (["--config", config] if config else [])
 
 

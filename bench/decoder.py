@@ -41,8 +41,8 @@ def batch_inputs(builder, n: int, seq: int, seed: int) -> list:
     """n encoded items of exactly `seq` tokens: random ids around a real assistant header."""
     import numpy as np
 
-    from models.armorm import ASSISTANT_HEADER
-    from models.inputs import Encoded
+    from polyreward.models.runtime.builder import Encoded
+    from polyreward.models.torch.armorm import ASSISTANT_HEADER
 
     rng = np.random.default_rng(seed)
     header = builder.tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
@@ -72,8 +72,8 @@ def main(argv: list[str]) -> None:
     sys.path.insert(0, str(TESTS))  # the checkpoint writer the ArmoRM tests use
     from armorm_reference import tiny_armorm
 
-    from models.armorm import load_armorm
-    from models.scorer import Scorer
+    from polyreward.models.runtime.scorer import Scorer
+    from polyreward.models.torch.armorm import load_armorm
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="polyreward-decoder-"))
     checkpoint, artifact = root / "checkpoint", root / "artifact"
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
 
         tokens = n * args.seq
         flops = 2 * params * tokens + layers * n * 2 * d * args.seq**2  # matmuls + causal QK^T and AV
-        ort_s = timed(lambda feeds=feeds: scorer.infer(feeds), args.repeats)
+        ort_s = timed(lambda feeds=feeds: scorer.forward(feeds), args.repeats)
         torch_s = timed(run_torch, args.repeats)
         for engine, s in (("onnxruntime", ort_s), ("pytorch_eager", torch_s)):
             print(json.dumps({

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 from bench.common import DATA, add_common, artifact_path, emit, jsonl, scorer_settings, timed
 from bench.machine import cpu_model
@@ -21,21 +22,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def grpo_items(prompts: int, group: int):
-    from models.inputs import Item
+    from polyreward.models.runtime.items import ChatItem
 
     rows = [r for r in jsonl(DATA / "rmb/bon.jsonl.gz") if len(r["losers"]) >= 3][:prompts]
     items = []
     for r in rows:
         answers = [r["best"], *(loser["answer"] for loser in r["losers"])]
         items += [
-            Item(messages=[*r["conversation"], {"role": "assistant", "content": answers[i % len(answers)]}])
+            ChatItem(
+                messages=[*r["conversation"], {"role": "assistant", "content": answers[i % len(answers)]}]
+            )
             for i in range(group)
         ]
     return items
 
 
 def run(args) -> list[dict]:
-    from models.scorer import Scorer
+    from polyreward.models.runtime.scorer import Scorer
 
     artifact = artifact_path(args.artifact)
     items = grpo_items(args.prompts, args.group)
@@ -49,8 +52,8 @@ def run(args) -> list[dict]:
         scorer = Scorer(artifact, precision=precision, device="cpu", **settings)
         seconds = {}
         for dedup in (False, True):
-            scorer.dedup_prompts = dedup
-            seconds[dedup] = timed(lambda s=scorer: s.score(items), args.repeats)
+            policy = replace(scorer.policy, dedup_prompts=dedup)
+            seconds[dedup] = timed(lambda s=scorer, p=policy: s.score(items, policy=p), args.repeats)
             record = {
                 **common, "engine": f"scorer-{precision}", "dedup_prompts": dedup,
                 "seconds": round(seconds[dedup], 3), "items_per_s": round(len(items) / seconds[dedup], 2),

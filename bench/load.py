@@ -315,7 +315,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> list[dict]:
-    from models.scorer import Scorer
+    from polyreward.models.runtime.scorer import Scorer
 
     artifact = artifact_path(args.artifact)
     items = pair_items(rmb_pairs(args.pairs))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from models.inputs import Item
+from polyreward.models.runtime.items import Item, PromptItem
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,11 +28,11 @@ def create_app(artifact: str | os.PathLike):
     from fastapi import FastAPI
     from transformers import PreTrainedTokenizerFast
 
-    from models.artifact import HEADS_FILE, TOKENIZER_DIR, load_manifest
-    from models.heads import load_heads
-    from models.inputs import InputBuilder
-    from models.scorer import ScoreResult
-    from models.torch_model import build_reward_model, load_backbone, score_torch
+    from polyreward.models.runtime.artifact import HEADS_FILE, TOKENIZER_DIR, load_manifest
+    from polyreward.models.runtime.builder import InputBuilder
+    from polyreward.models.runtime.scorer import ScoreResult
+    from polyreward.models.torch.heads import load_heads
+    from polyreward.models.torch.reward_model import build_reward_model, load_backbone, score_torch
 
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
@@ -41,13 +41,13 @@ def create_app(artifact: str | os.PathLike):
     _, backbone, _ = load_backbone(manifest.backbone.id)
     model = build_reward_model(backbone, load_heads(artifact / HEADS_FILE), manifest.backbone.kind)
     padding_side = manifest.input.padding_side
-    score_torch(model, builder.encode([Item(prompt="warm up", response="ok")]), pad_id=builder.pad_id)
+    score_torch(model, builder.build([PromptItem(prompt="warm up", response="ok")]), pad_id=builder.pad_id)
 
     app = FastAPI(title="naive reward server")
 
     @app.post("/v1/score")
     def score(body: ScoreRequest) -> dict:
-        encoded = builder.encode(body.items)
+        encoded = builder.build(body.items)
         outputs = score_torch(model, encoded, pad_id=builder.pad_id, padding_side=padding_side)
         results = []
         for row, e in enumerate(encoded):

@@ -35,10 +35,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def torch_baseline(artifact: Path):
     """(score(items) -> scores, non-embedding parameter count) of transformers + the same heads, batches of 32."""
-    from models.artifact import HEADS_FILE, load_manifest
-    from models.heads import load_heads
-    from models.scorer import Scorer
-    from models.torch_model import build_reward_model, load_backbone, score_torch
+    from polyreward.models.runtime.artifact import HEADS_FILE, load_manifest
+    from polyreward.models.runtime.scorer import Scorer
+    from polyreward.models.torch.heads import load_heads
+    from polyreward.models.torch.reward_model import build_reward_model, load_backbone, score_torch
 
     manifest = load_manifest(artifact)
     tokenizer_side = Scorer(artifact, precision="fp32", device="cpu")  # the same tokenization and templates
@@ -47,7 +47,7 @@ def torch_baseline(artifact: Path):
     params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
 
     def score(items):
-        encoded = tokenizer_side.encode(items)
+        encoded = tokenizer_side.tokenize(items)
         out = []
         for start in range(0, len(encoded), 32):
             out += score_torch(model, encoded[start : start + 32], pad_id=tokenizer_side.builder.pad_id)[
@@ -85,7 +85,7 @@ def run(args) -> list[dict]:
     import torch
     from scipy.stats import spearmanr
 
-    from models.scorer import Scorer
+    from polyreward.models.runtime.scorer import Scorer
 
     artifact = artifact_path(args.artifact)
     items = pair_items(rmb_pairs(args.pairs))
@@ -93,7 +93,7 @@ def run(args) -> list[dict]:
     settings = scorer_settings(args.config)
     torch_score, params = torch_baseline(artifact)
     scorers = {p: Scorer(artifact, precision=p, device="cpu", **settings) for p in ("fp32", "int8")}
-    tokens = sum(e.tokens for e in scorers["fp32"].encode(items))
+    tokens = sum(e.tokens for e in scorers["fp32"].tokenize(items))
     gemm = gemm_gflops()
     common = {
         "workload": "offline", "items": len(items), "real_tokens": tokens, "source": "rmb pairwise, both sides",

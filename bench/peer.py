@@ -48,7 +48,7 @@ def setup(backbone: Path) -> None:
 
 
 def run(args) -> list[dict]:
-    from models.scorer import Scorer
+    from polyreward.models.runtime.scorer import Scorer
 
     artifact = artifact_path(args.artifact)
     scorer = Scorer(artifact, precision="fp32", device="cpu")
@@ -59,7 +59,7 @@ def run(args) -> list[dict]:
         print(f"peer: {binary} or {MODEL / 'model.onnx'} missing; run `python -m bench peer --setup` (skipped)",
               file=sys.stderr)  # fmt: skip
         return []
-    encoded = scorer.encode(pair_items(rmb_pairs(args.pairs)))
+    encoded = scorer.tokenize(pair_items(rmb_pairs(args.pairs)))
     tokenizer = scorer.builder.tokenizer
     texts = [tokenizer.decode(e.input_ids, skip_special_tokens=True) for e in encoded]
     bodies = [json.dumps({"model": "minilm", "input": [t]}).encode() for t in texts]

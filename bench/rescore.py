@@ -30,7 +30,7 @@ def rescore_cli(source: Path, out: Path, engine_args: list[str], precision: str)
     import subprocess
 
     maps = [arg for m in MAP for arg in ("--map", m)]
-    argv = [sys.executable, "-m", "models.cli", "rescore", str(source), "--out", str(out), "--kind", "pairs",
+    argv = [sys.executable, "-m", "polyreward.models.cli", "rescore", str(source), "--out", str(out), "--kind", "pairs",
             "--precision", precision, *maps, *engine_args]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(

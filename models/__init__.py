@@ -1,7 +1,7 @@
-"""polyreward's model contract: objectives, input building, heads, manifest, ONNX export and the ONNX scorer.
+"""polyreward's models: the torch-free runtime (`polyreward.models.runtime`) that scores artifacts, and the
+torch side (`polyreward.models.torch`) that builds them. See docs/architecture.md.
 
-Importing `models` never imports torch; the torch modules (`models.heads`, `models.torch_model`,
-`models.export`, `models.parity`) are only needed to train and export.
+Importing `polyreward.models` never imports torch or onnxruntime; the names below load on first use.
 """
 
 from __future__ import annotations
@@ -13,25 +13,23 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0"
 
-__all__ = ["ArtifactError", "Item", "Manifest", "ScoreResult", "Scorer", "__version__"]
+__all__ = ["ArtifactError", "ChatItem", "Item", "Manifest", "PromptItem", "ScoreResult", "Scorer", "TextItem"]
+
+_LAZY = {
+    "Scorer": "scorer",
+    "ScoreResult": "scorer",
+    "Item": "items",
+    "ChatItem": "items",
+    "PromptItem": "items",
+    "TextItem": "items",
+    "Manifest": "manifest",
+    "ArtifactError": "artifact",
+}
 
 
 def __getattr__(name: str):
-    # Lazy, so `import models` stays light and does not need onnxruntime.
-    if name in ("Scorer", "ScoreResult"):
-        from models import scorer
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(scorer, name)
-    if name == "Item":
-        from models.inputs import Item
-
-        return Item
-    if name == "Manifest":
-        from models.manifest import Manifest
-
-        return Manifest
-    if name == "ArtifactError":
-        from models.artifact import ArtifactError
-
-        return ArtifactError
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
+        return getattr(import_module(f"polyreward.models.runtime.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'polyreward.models' has no attribute {name!r}")

@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from polyreward.models.cli import DeviceChoice, DeviceOption, PrecisionChoice, PrecisionOption, default_is
+from polyreward.models.runtime.batching import DEFAULTS_TEXT
+
+
+class EngineChoice(str, Enum):
+    local = "local"
+    remote = "remote"
+    ray = "ray"
+
+
+class KindChoice(str, Enum):
+    pairs = "pairs"
+    ratings = "ratings"
+    bon = "bon"
+    responses = "responses"
+
+
+class OutputFormat(str, Enum):
+    parquet = "parquet"
+    jsonl = "jsonl"
+
 
 LIST_OPTIONS = {"prompt", "id", "group", "label_a", "label_b", "label_tie"}
 
@@ -16,9 +39,9 @@ def build_spec(inputs: list[Path], kind: str | None, mapping: list[str], name: s
     """A DatasetSpec from --kind/--map, or from the canonical schema of the first input's first row."""
     from pydantic import ValidationError
 
-    from models.errors import describe
-    from rescore.run import RescoreError
-    from training.data import DatasetSpec, canonical_options
+    from polyreward.models.runtime.errors import describe
+    from polyreward.rescore.run import RescoreError
+    from polyreward.training.data import DatasetSpec, canonical_options
 
     options: dict = {}
     for entry in mapping:
@@ -58,14 +81,12 @@ def rescore(
         str | None, typer.Option(help="score with a running `polyreward serve` at this URL")
     ] = None,
     engine: Annotated[
-        str | None,
-        typer.Option(help="local|remote|ray", show_default="local with --artifact, remote with --url"),
+        EngineChoice | None,
+        typer.Option(help="where scoring runs" + default_is("local with --artifact, remote with --url")),
     ] = None,
     kind: Annotated[
-        str | None,
-        typer.Option(
-            help="pairs|ratings|bon|responses", show_default="from the first row of a canonical file"
-        ),
+        KindChoice | None,
+        typer.Option(help="what a row holds" + default_is("from the first row of a canonical file")),
     ] = None,
     map: Annotated[
         list[str] | None,
@@ -75,28 +96,27 @@ def rescore(
         ),
     ] = None,
     name: Annotated[
-        str | None, typer.Option(help="dataset name", show_default="the first input's name")
+        str | None, typer.Option(help="dataset name" + default_is("the first input's name"))
     ] = None,
-    precision: Annotated[str, typer.Option(help="local: auto|fp32|int8|fp16")] = "auto",
-    device: Annotated[str, typer.Option(help="local: auto|cpu|cuda|tensorrt")] = "auto",
+    precision: PrecisionOption = PrecisionChoice.auto,
+    device: DeviceOption = DeviceChoice.auto,
     token_budget: Annotated[
-        int | None,
-        typer.Option(help="local: padded tokens per batch", show_default="512 on CPU, 16384 on GPU"),
+        int | None, typer.Option(help="local and ray: padded tokens per batch" + default_is(DEFAULTS_TEXT))
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="remote: model name", show_default="the served one")
+        str | None, typer.Option(help="remote: model name" + default_is("the served one"))
     ] = None,
     api_key: Annotated[
         str | None, typer.Option(help="remote: Bearer key", envvar="POLYREWARD_API_KEY")
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="remote: requests in flight")] = 4,
     ray_address: Annotated[
-        str | None, typer.Option(help="ray: cluster address", show_default="RAY_ADDRESS, or a local Ray")
+        str | None, typer.Option(help="ray: cluster address" + default_is("RAY_ADDRESS, or a local Ray"))
     ] = None,
     actors: Annotated[int, typer.Option(min=1, help="ray: Scorer actors (one model each)")] = 2,
     num_gpus: Annotated[float, typer.Option(min=0, help="ray: GPUs per actor")] = 0.0,
     shard_rows: Annotated[int, typer.Option(min=1, help="input rows per output shard")] = 2048,
-    format: Annotated[str, typer.Option(help="parquet|jsonl")] = "parquet",
+    format: Annotated[OutputFormat, typer.Option(help="shard files")] = OutputFormat.parquet,
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="discard the run in --out and start again")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -104,36 +124,30 @@ def rescore(
     """Rescore datasets with vector rewards: per side every objective's reward, the score and the gating
     weights; for pairs the margin, P(chosen > rejected) and agreement with the label. Shards are committed
     atomically, so a killed run continues with --resume without losing or duplicating a row."""
-    from rescore.engines import LocalEngine, RemoteEngine
-    from rescore.run import Run
-    from rescore.summary import summarize
+    from polyreward.rescore.engines import LocalEngine, RemoteEngine
+    from polyreward.rescore.run import Run
+    from polyreward.rescore.summary import summarize
 
     if resume and overwrite:
         raise typer.BadParameter("give either --resume or --overwrite", param_hint="--resume")
-    if format not in ("parquet", "jsonl"):
-        raise typer.BadParameter(f"{format!r} is not parquet or jsonl", param_hint="--format")
-    engine = engine or ("remote" if url else "local")
-    if engine in ("local", "ray") and artifact is None:
-        raise typer.BadParameter(f"the {engine} engine needs --artifact", param_hint="--artifact")
-    if engine == "remote" and url is None:
+    engine = engine or (EngineChoice.remote if url else EngineChoice.local)
+    if engine != EngineChoice.remote and artifact is None:
+        raise typer.BadParameter(f"the {engine.value} engine needs --artifact", param_hint="--artifact")
+    if engine == EngineChoice.remote and url is None:
         raise typer.BadParameter("the remote engine needs --url", param_hint="--url")
-    if engine not in ("local", "remote", "ray"):
-        raise typer.BadParameter(f"{engine!r} is not local, remote or ray", param_hint="--engine")
-    spec = build_spec(inputs, kind, map or [], name)
-    if engine == "local":
-        scorer = LocalEngine(artifact, precision=precision, device=device, token_budget=token_budget)
-    elif engine == "remote":
+    spec = build_spec(inputs, kind and kind.value, map or [], name)
+    local = {"precision": precision.value, "device": device.value, "token_budget": token_budget}
+    if engine == EngineChoice.local:
+        scorer = LocalEngine(artifact, **local)
+    elif engine == EngineChoice.remote:
         scorer = RemoteEngine(url, model=model, api_key=api_key, concurrency=concurrency)  # type: ignore[arg-type]
     else:
-        from rescore.engines import RayEngine
+        from polyreward.rescore.engines import RayEngine
 
-        scorer = RayEngine(
-            artifact, precision=precision, device=device, token_budget=token_budget, address=ray_address,
-            actors=actors, num_gpus=num_gpus,
-        )  # fmt: skip
+        scorer = RayEngine(artifact, **local, address=ray_address, actors=actors, num_gpus=num_gpus)
     try:
         mode = "resume" if resume else "overwrite" if overwrite else "new"
-        run = Run(inputs, spec, out, scorer, shard_rows=shard_rows, output_format=format, mode=mode)  # type: ignore[arg-type]
+        run = Run(inputs, spec, out, scorer, shard_rows=shard_rows, output_format=format.value, mode=mode)
         total = run.validate()  # every row through the adapters before any scoring
         if not quiet:
             typer.echo(f"{total} rows, {run.done_rows} already done; writing {out}", err=True)

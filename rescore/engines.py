@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from models.inputs import Item
+from polyreward.models.runtime.items import Item, parse_item
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class LocalEngine(_PerShard):
     """`Scorer` in this process, with its length-sorted batching under a token budget."""
 
     def __init__(self, artifact, *, precision="auto", device="auto", token_budget: int | None = None):
-        from models.scorer import Scorer
+        from polyreward.models.runtime.scorer import Scorer
 
         self.scorer = Scorer(artifact, precision=precision, device=device, token_budget=token_budget)
         self.objectives = self.scorer.objectives
@@ -80,14 +80,15 @@ class LocalEngine(_PerShard):
 
 
 class RemoteEngine(_PerShard):
-    """A running `polyreward serve`, through `service.client.RewardClient` (retries with backoff, 429s honoured):
+    """A running `polyreward serve`, through `polyreward.service.client.RewardClient` (retries with backoff,
+    429s honoured):
     requests of `request_items` items, at most `concurrency` in flight."""
 
     def __init__(
         self, url: str, *, model: str | None = None, api_key: str | None = None, concurrency: int = 4,
         request_items: int = 64,
     ):  # fmt: skip
-        from service.client import RewardClient
+        from polyreward.service.client import RewardClient
 
         self.client = RewardClient(url, model=model, api_key=api_key, max_items_per_request=request_items)
         self.request_items, self.concurrency = request_items, concurrency
@@ -126,7 +127,7 @@ class _ScorerActor:
 
         import numpy as np
 
-        rows = [[Item.model_validate(it) for it in json.loads(r)] for r in batch["items"]]
+        rows = [[parse_item(it) for it in json.loads(r)] for r in batch["items"]]
         flat = self.engine.score([it for items in rows for it in items])
         scored = [[[s.score, s.rewards, s.gating] for s in row] for row in regroup(flat, rows)]
         return {"index": batch["index"], "scored": np.array([json.dumps(r) for r in scored], dtype=object)}
@@ -146,15 +147,15 @@ class RayEngine:
     ):  # fmt: skip
         import ray
 
-        from models.artifact import load_manifest
+        from polyreward.models.runtime.artifact import load_manifest
+        from polyreward.models.runtime.session import resolve_precision
 
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=False, include_dashboard=False)
         self.ray = ray
         manifest = load_manifest(artifact)
-        if precision == "auto":  # what each actor's Scorer will pick on its device
-            gpu_graph = num_gpus > 0 and "fp16" in manifest.graphs
-            precision = "fp16" if gpu_graph or "fp32" not in manifest.graphs else "fp32"
+        # What each actor's Scorer will pick on its device.
+        precision = resolve_precision(precision, manifest.graphs, "cuda" if num_gpus > 0 else "cpu")
         self.objectives = manifest.objective_names
         self.identity = model_identity(manifest, precision)
         self.args = {

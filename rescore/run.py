@@ -1,6 +1,6 @@
 """Rescore preference and rating datasets into sharded Parquet (or JSONL), resumable after any crash.
 
-Rows are read through the trainer's adapters (`training.data.DatasetSpec`), numbered in input order across
+Rows are read through the trainer's adapters (`polyreward.training.data.DatasetSpec`), numbered in input order across
 all inputs, and cut into shards of `shard_rows` rows. Each shard is scored, written to a temporary file and
 renamed into place, then recorded in `run.json` (also replaced atomically). `run.json` is the only truth: a
 shard file it does not list is recomputed, so a run killed at any instant resumes without losing or
@@ -16,10 +16,8 @@ and `agrees` (the model prefers the labelled choice; null for ties); best-of-N a
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import math
 import os
 import time
 from collections import Counter
@@ -28,11 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from models.errors import PolyrewardError
-from models.inputs import Item
-from rescore.engines import Engine, Scored
-from training.data import DatasetSpec, dataset_rows
-from training.examples import Examples, conversation
+from polyreward.models.runtime.errors import PolyrewardError
+from polyreward.models.runtime.files import atomic_replace, atomic_write, sha256_tree
+from polyreward.models.runtime.items import Item
+from polyreward.rescore.engines import Engine, Scored
+from polyreward.service.postprocess import named, sigmoid
+from polyreward.training.data import DatasetSpec, Examples, conversation, dataset_rows
 
 RUN_FILE = "run.json"
 RUN_VERSION = 1
@@ -45,15 +44,8 @@ class RescoreError(PolyrewardError):
 
 def fingerprint(path: Path) -> dict:
     """sha256 and size of a file, or of every file of a directory (a `datasets` save) in name order."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest, size = hashlib.sha256(), 0
-    for f in files:
-        digest.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                digest.update(block)
-                size += len(block)
-    return {"path": str(path.resolve()), "sha256": digest.hexdigest(), "size": size}
+    digest, size = sha256_tree(path)
+    return {"path": str(path.resolve()), "sha256": digest, "size": size}
 
 
 def _items(examples: Examples) -> tuple[str, list[Item], Any]:
@@ -71,8 +63,8 @@ def _items(examples: Examples) -> tuple[str, list[Item], Any]:
 def _side(prefix: str, s: Scored, objectives: list[str]) -> dict:
     return {
         f"{prefix}_score": s.score,
-        f"{prefix}_rewards": dict(zip(objectives, s.rewards, strict=True)),
-        f"{prefix}_gating": dict(zip(objectives, s.gating, strict=True)) if s.gating else None,
+        f"{prefix}_rewards": named(objectives, s.rewards),
+        f"{prefix}_gating": named(objectives, s.gating) if s.gating else None,
     }
 
 
@@ -85,7 +77,7 @@ def output_row(kind: str, example, scored: list[Scored], objectives: list[str]) 
         out |= _side("chosen", chosen, objectives) | _side("rejected", rejected, objectives)
         out |= {
             "margin": margin,
-            "p_chosen": 1.0 / (1.0 + math.exp(-margin)),
+            "p_chosen": sigmoid(margin),
             "tie": example.tie,
             "agrees": None if example.tie else margin > 0,
         }
@@ -177,9 +169,7 @@ class Run:
                 )
 
     def _save(self, manifest: dict) -> None:
-        tmp = self.out / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.out / RUN_FILE)
+        atomic_write(self.out / RUN_FILE, json.dumps(manifest, indent=1))
 
     @property
     def done_rows(self) -> int:
@@ -243,18 +233,17 @@ class Run:
             )
         ]
         name = f"part-{len(self.manifest['shards']):05d}.{self.format}"
-        tmp = self.out / f".{name}.tmp"
         if self.format == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
 
+            tmp = self.out / f".{name}.tmp"
             pq.write_table(pa.Table.from_pylist(rows), tmp)
+            atomic_replace(tmp, self.out / name, fsync=True)
         else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out / name)
+            atomic_write(
+                self.out / name, (json.dumps(r, ensure_ascii=False) + "\n" for r in rows), fsync=True
+            )
         self.manifest["shards"].append(
             {"file": name, "first_row": first_row, "input_rows": len(batch),
              "items": sum(len(items) for _, items, _ in planned), "seconds": round(time.perf_counter() - since, 2)}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rescore.run import RUN_FILE, read_output
+from polyreward.rescore.run import RUN_FILE, read_output
 
 SUMMARY_FILE = "summary.json"
 MARGINS_PNG = "margins.png"

@@ -1,7 +1,8 @@
-"""Dynamic batching across requests: the core of the service (DESIGN.md section 6).
+"""Dynamic batching across requests: the core of the service (docs/architecture.md, flow 1).
 
 Rollout workers send many concurrent single-item requests. Each model gets one `Batcher`: requests tokenize
-off the event loop, their items join one queue, and two threads turn the queue into batches:
+off the event loop, their items join one queue, and threads turn the queue into batches through the scorer's
+phases (`tokenize`, `policy`, `collate`, `forward`, `results`) and nothing else of it:
 
 * the *prepare* thread, as soon as the device has taken the previous batch, takes a length-sorted window of
   the oldest waiting items, picks the batch (under the padded-token budget and the item cap) that holds the
@@ -26,10 +27,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from models.batching import plan_batches
-from models.inputs import Encoded, Item
-from models.manifest import Truncation
-from models.scorer import Scorer, ScoreResult
+from polyreward.models.runtime.builder import Encoded
+from polyreward.models.runtime.items import Item
+from polyreward.models.runtime.manifest import Truncation
+from polyreward.models.runtime.scorer import Scorer, ScoreResult
 
 log = logging.getLogger("polyreward.batcher")
 
@@ -89,7 +90,7 @@ class Batcher:
         self.scorer = scorer
         self.max_queue_items = max_queue_items
         self.max_wait = max_wait
-        self.window_items = window_items or 4 * scorer.max_batch_items
+        self.window_items = window_items or 4 * scorer.policy.max_items
         self.on_batch = on_batch
         self._pending: deque[_Pending] = deque()
         self._cond = threading.Condition()
@@ -128,10 +129,10 @@ class Batcher:
             t.join(timeout)
         self._tokenize.shutdown(wait=False)
 
-    async def encode(self, items: Sequence[Item], truncation: Truncation | None = None) -> list[Encoded]:
+    async def _tokenized(self, items: Sequence[Item], truncation: Truncation | None) -> list[Encoded]:
         """Tokenize off the event loop (raises `InputRejected` for items the model refuses)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenize, self.scorer.builder.encode, list(items), truncation)
+        return await loop.run_in_executor(self._tokenize, self.scorer.tokenize, list(items), truncation)
 
     async def score(
         self, items: Sequence[Item], *, timeout: float | None = None, truncation: Truncation | None = None
@@ -147,7 +148,7 @@ class Batcher:
         Raises QueueFull when the queue cap would be exceeded, TimeoutError when `timeout` passes first (its
         items then leave the queue), and the inference error when its batch failed.
         """
-        encoded = await self.encode(items, truncation)
+        encoded = await self._tokenized(items, truncation)
         loop = asyncio.get_running_loop()
         with self._cond:
             if self._stopping:
@@ -164,18 +165,16 @@ class Batcher:
             for f in futures:
                 f.cancel()
             raise
-        results = [
-            ScoreResult.from_outputs(e, values) for e, (values, _) in zip(encoded, outputs, strict=True)
-        ]
         timing = Timing(
             queue_seconds=max(t.queue_seconds for _, t in outputs),
             infer_seconds=max(t.infer_seconds for _, t in outputs),
         )
-        return results, timing
+        return [result for result, _ in outputs], timing
 
     # -- threads -------------------------------------------------------------------------------------
 
     def _next_batch(self) -> list[_Pending] | None:
+        policy = self.scorer.policy
         with self._cond:
             waited = False
             while True:
@@ -189,16 +188,14 @@ class Batcher:
                     continue
                 # The device is busy: a short wait lets more items join this batch at no cost.
                 busy = self._running >= self.workers
-                if not waited and busy and len(self._pending) < self.scorer.max_batch_items:
+                if not waited and busy and len(self._pending) < policy.max_items:
                     waited = True
                     self._cond.wait(self.max_wait)
                     continue
                 window = [p for p in list(self._pending)[: self.window_items] if not p.future.done()]
                 if window:
                     break
-            plan = plan_batches(
-                [p.encoded.tokens for p in window], self.scorer.token_budget, self.scorer.max_batch_items
-            )
+            plan = policy.plan([p.encoded.tokens for p in window])
             chosen = next(b for b in plan if 0 in b)  # the batch that holds the oldest item
             batch = [window[i] for i in chosen]
             taken = {id(p) for p in batch}
@@ -225,7 +222,7 @@ class Batcher:
                 self._running += 1
             self._slot.release()  # after counting this run: the next batch then waits max_wait for more items
             try:
-                outputs = self.scorer.infer(feeds)
+                results = self.scorer.results([p.encoded for p in batch], self.scorer.forward(feeds))
             except Exception as e:
                 log.exception("inference failed for a batch of %d items", len(batch))
                 _fail(batch, e)
@@ -235,10 +232,9 @@ class Batcher:
                     self._running -= 1
             seconds = time.monotonic() - started
             self._seconds_per_item = 0.9 * self._seconds_per_item + 0.1 * seconds / len(batch)
-            for row, p in enumerate(batch):
-                values = {name: array[row] for name, array in outputs.items()}
+            for p, result in zip(batch, results, strict=True):
                 timing = Timing(queue_seconds=started - p.enqueued, infer_seconds=seconds)
-                p.loop.call_soon_threadsafe(_set_result, p.future, (values, timing))
+                p.loop.call_soon_threadsafe(_set_result, p.future, (result, timing))
             if self.on_batch:
                 ids = feeds["input_ids"]
                 self.on_batch(

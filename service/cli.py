@@ -1,41 +1,40 @@
-"""`polyreward serve`: the scoring service (registered through the `polyreward.commands` entry point)."""
+"""`polyreward serve`, `polyreward tune` and `polyreward score` (registered as `polyreward.commands` entry points).
+
+`score` is the service's engine without HTTP: the same scorer and post-processing over a JSONL file.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-DEFAULT_CACHE = Path(os.environ.get("POLYREWARD_CACHE", Path.home() / ".cache" / "polyreward"))
+from polyreward.models.cli import (
+    DEVICE_HELP,
+    PRECISION_HELP,
+    DeviceChoice,
+    DeviceOption,
+    PrecisionChoice,
+    PrecisionOption,
+    default_is,
+)
+from polyreward.models.runtime.batching import DEFAULT_MAX_ITEMS, DEFAULTS_TEXT
 
-
-def default_artifact() -> Path:
-    """The shipped default model, exported once into the cache (the export needs the `train` extra)."""
-    from models.cli import default_model
-
-    _, shipped = default_model()
-    out = DEFAULT_CACHE / f"{shipped['name']}-{shipped['version']}"
-    if not (out / "manifest.json").exists():
-        typer.echo(f"building the default model into {out} (once)", err=True)
-        # A subprocess: the export imports torch, which the serving process never does.
-        subprocess.run(
-            [sys.executable, "-m", "models.cli", "export", "--default", "--out", str(out), "--overwrite"],
-            check=True,
-        )
-    return out
+TokenBudget = Annotated[
+    int | None, typer.Option(help="max padded tokens per batch" + default_is(DEFAULTS_TEXT))
+]
 
 
 def serve(
     artifacts: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="artifact directories, or directories of artifacts (a mounted model volume); "
-            "none: the shipped default model",
+            help="artifact directories, or directories of artifacts (a mounted model volume)"
+            + default_is("the shipped default model, built once into ~/.cache/polyreward"),
             envvar="POLYREWARD_ARTIFACTS",  # several: separated by ':'
             show_default=False,
         ),
@@ -49,34 +48,40 @@ def serve(
         Path | None,
         typer.Option(help="JSON settings file, e.g. from `polyreward tune`", envvar="POLYREWARD_CONFIG"),
     ] = None,
-    precision: Annotated[str | None, typer.Option(help="auto|fp32|int8|fp16")] = None,
-    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|tensorrt")] = None,
-    max_queue_items: Annotated[int | None, typer.Option(help="queued items before 429")] = None,
-    request_timeout: Annotated[float | None, typer.Option(help="seconds before 504")] = None,
+    precision: Annotated[
+        PrecisionChoice | None, typer.Option(help=PRECISION_HELP + default_is("auto"))
+    ] = None,
+    device: Annotated[DeviceChoice | None, typer.Option(help=DEVICE_HELP + default_is("auto"))] = None,
+    max_queue_items: Annotated[
+        int | None, typer.Option(help="queued items before 429" + default_is("4096"))
+    ] = None,
+    request_timeout: Annotated[
+        float | None, typer.Option(help="seconds before 504" + default_is("60"))
+    ] = None,
     drain_seconds: Annotated[
         float | None,
-        typer.Option(help="after SIGTERM, seconds /ready answers 503 before shutdown", show_default="5"),
+        typer.Option(help="after SIGTERM, seconds /ready answers 503 before shutdown" + default_is("5")),
     ] = None,
 ) -> None:
     """Serve vector rewards over HTTP: /v1/score, /v1/compare, /get_reward (OpenRLHF), /v1/models, /metrics.
 
-    Settings come from POLYREWARD_* environment variables (POLYREWARD_ARTIFACTS, POLYREWARD_PORT, …);
-    flags given here override them.
-
-    Several artifacts are served side by side, chosen by the request's `model` field.
+    The port opens at once; /health answers while the models load, /ready answers 200 once they are loaded and
+    warm. Settings come from POLYREWARD_* environment variables (POLYREWARD_ARTIFACTS, POLYREWARD_PORT, …);
+    flags given here override them. Several artifacts are served side by side, chosen by the request's `model`.
     """
     import uvicorn
     from pydantic import ValidationError
 
-    from models.artifact import find_artifacts
-    from models.errors import PolyrewardError, describe
-    from service.app import Settings, create_app
-    from service.server import DrainingServer
+    from polyreward.models.default import default_artifact
+    from polyreward.models.runtime.artifact import find_artifacts
+    from polyreward.models.runtime.errors import PolyrewardError, describe
+    from polyreward.service.app import create_app
+    from polyreward.service.server import DrainingServer
+    from polyreward.service.settings import Settings
 
     flags = {
-        "api_key_file": api_key_file, "precision": precision, "device": device,
-        "max_queue_items": max_queue_items, "request_timeout": request_timeout,
-        "drain_seconds": drain_seconds,
+        "api_key_file": api_key_file, "precision": precision and precision.value, "device": device and device.value,
+        "max_queue_items": max_queue_items, "request_timeout": request_timeout, "drain_seconds": drain_seconds,
     }  # fmt: skip
     if config:
         os.environ["POLYREWARD_CONFIG"] = str(config)  # read by Settings, below flags and variables
@@ -85,13 +90,20 @@ def serve(
     except ValidationError as e:
         where = f"POLYREWARD_* variables or {config}" if config else "POLYREWARD_* variables"
         raise PolyrewardError(f"settings ({where}): {describe(e)}") from None
-    paths = [p for path in artifacts for p in find_artifacts(path)] if artifacts else [default_artifact()]
-    app = create_app(paths, settings)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="info", access_log=False,
-        timeout_graceful_shutdown=int(settings.request_timeout) + 5,
+    paths = (
+        [p for path in artifacts for p in find_artifacts(path)] if artifacts else None
+    )  # bad paths fail now
+    app = create_app((lambda: paths) if paths else (lambda: [default_artifact()]), settings)
+    server = DrainingServer(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="info", access_log=False,
+            timeout_graceful_shutdown=int(settings.request_timeout) + 5,
+        ),
+        settings.drain_seconds,
     )  # fmt: skip
-    DrainingServer(config, settings.drain_seconds).run()
+    server.run()
+    if server.failure:
+        raise PolyrewardError(server.failure)
 
 
 def tune(
@@ -99,21 +111,19 @@ def tune(
     input: Annotated[
         Path | None,
         typer.Option(
-            help="JSONL items like your traffic ({messages} | {prompt, response} | {text} per line)",
-            show_default="the packaged sample: 40 conversations of mixed length",
+            help="JSONL items like your traffic ({messages} | {prompt, response} | {text} per line)"
+            + default_is("the packaged sample: 40 conversations of mixed length"),
         ),
     ] = None,
     out: Annotated[
         Path, typer.Option(help="settings file to write (serve --config / POLYREWARD_CONFIG)")
     ] = Path("polyreward-serve.json"),
-    precision: Annotated[
-        str, typer.Option(help="auto|fp32|int8|fp16 (auto: what serve would pick)")
-    ] = "auto",
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda|tensorrt")] = "auto",
+    precision: PrecisionOption = PrecisionChoice.auto,
+    device: DeviceOption = DeviceChoice.auto,
     budgets: Annotated[
         str | None,
         typer.Option(
-            help="comma-separated padded-token budgets to try", show_default="128..2048 CPU, 4096..65536 GPU"
+            help="comma-separated padded-token budgets to try" + default_is("128..2048 CPU, 4096..65536 GPU")
         ),
     ] = None,
     repeats: Annotated[int, typer.Option(min=1, help="timed runs per candidate (median)")] = 3,
@@ -123,10 +133,9 @@ def tune(
     Tries padded-token budgets and item caps on the same items, prints every candidate's items/s, and writes
     the best with the measurement beside it.
     """
-    from models.inputs import read_items_jsonl
-    from models.parity import sample_items
-    from service.tune import trial_row, write
-    from service.tune import tune as run_tune
+    from polyreward.models.runtime.items import read_items_jsonl, sample_items
+    from polyreward.service.tune import trial_row, write
+    from polyreward.service.tune import tune as run_tune
 
     items = read_items_jsonl(input)[0] if input else sample_items()
     try:
@@ -139,7 +148,7 @@ def tune(
         raise typer.BadParameter("budgets must be at least 64 tokens", param_hint="--budgets")
     typer.echo(f"tuning {artifact} on {len(items)} items", err=True)
     settings, _ = run_tune(
-        artifact, items, precision=precision, device=device, budgets=wanted, repeats=repeats,
+        artifact, items, precision=precision.value, device=device.value, budgets=wanted, repeats=repeats,
         progress=lambda t: typer.echo(json.dumps(trial_row(t)), err=True),
     )  # fmt: skip
     write(settings, out)
@@ -149,3 +158,67 @@ def tune(
         f"{tuned['items_per_s']} items/s ({settings['precision']}, {tuned['provider']}; "
         f"defaults {tuned['default_items_per_s']})\nwrote {out}; use: polyreward serve --config {out}"
     )
+
+
+def weights_option(value: str | None) -> dict[str, float] | None:
+    """`helpfulness=1,safety=2` → {"helpfulness": 1.0, "safety": 2.0}."""
+    if value is None:
+        return None
+    out = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        name, sep, number = part.partition("=")
+        try:
+            out[name.strip()] = float(number)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise typer.BadParameter(
+                f"{part!r}: expected OBJECTIVE=WEIGHT, e.g. helpfulness=1", param_hint="--weights"
+            )
+    return out
+
+
+def score(
+    artifact: Annotated[Path, typer.Argument(help="artifact directory")],
+    input: Annotated[
+        Path, typer.Option(help='JSONL: {"messages": [...]} | {"prompt", "response"} | {"text"} per line')
+    ],
+    precision: PrecisionOption = PrecisionChoice.auto,
+    device: DeviceOption = DeviceChoice.auto,
+    token_budget: TokenBudget = None,
+    max_batch_items: Annotated[int, typer.Option(help="max items per batch")] = DEFAULT_MAX_ITEMS,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="OBJECTIVE=WEIGHT,...: score = Σ w·rewards instead of the gating (as /v1/score)"),
+    ] = None,
+    normalize: Annotated[
+        bool, typer.Option(help="z-score rewards with the model's calibration stats")
+    ] = False,
+) -> None:
+    """Score a JSONL file; writes one JSON line per input line to stdout (other input fields carried through):
+    score, rewards, gating and (for heads that carry it) uncertainty, each objective by name."""
+    from polyreward.models.runtime.builder import InputRejected
+    from polyreward.models.runtime.items import InvalidItem, read_items_jsonl
+    from polyreward.models.runtime.scorer import Scorer
+    from polyreward.service.postprocess import Recipe, named
+
+    items, extras, lines = read_items_jsonl(input)
+    scorer = Scorer(
+        artifact, precision=precision.value, device=device.value, token_budget=token_budget,
+        max_batch_items=max_batch_items,
+    )  # fmt: skip
+    recipe = Recipe.build(scorer.manifest, weights_option(weights), normalize)
+    names = scorer.objectives
+    try:
+        results = scorer.score(items, progress=sys.stderr.isatty())
+    except InputRejected as e:
+        raise InvalidItem(f"{input}:{lines[e.index]}: {e.reason}") from None
+    for extra, r in zip(extras, results, strict=True):
+        value, rewards = recipe.apply(r)
+        row = {**extra, "score": value, "rewards": named(names, rewards)}
+        if not recipe.replaces_gating:
+            row["gating"] = named(names, r.gating)
+        row |= {"tokens": r.tokens, "truncated": r.truncated}
+        if r.uncertainty is not None:
+            row["uncertainty"] = named(names, r.uncertainty)
+        sys.stdout.write(json.dumps(row) + "\n")

@@ -1,32 +1,36 @@
 """Python clients for the scoring service, and TRL reward functions backed by it.
 
-    from service.client import RewardClient
+    from polyreward.service.client import RewardClient
     with RewardClient("http://127.0.0.1:8000", api_key="...") as rm:
         out = rm.score([{"prompt": "2+2?", "response": "4"}], return_=["gating", "uncertainty"])
         out.results[0].rewards          # one reward per objective, in out.objectives order
 
-`AsyncRewardClient` is the same with `await`. Both retry what is worth retrying: 429 (queue full) and 503
-(draining) after the server's `Retry-After`, connection failures and 502/504 with exponential backoff and
-jitter, up to `retries` times; any other error raises `ServiceError` naming the server's error type and message.
-Large requests are split into `max_items_per_request` chunks (the server's limit; default 256).
+`AsyncRewardClient` is the same with `await`. Both share one retry policy (tenacity): 429 (queue full) and
+503 (loading or draining) wait at least the server's `Retry-After`; connection failures, 502 and 504 back off
+exponentially with jitter; at most `retries` retries. Any other error raises `ServiceError` naming the
+server's error type and message. Large requests are split into `max_items_per_request` chunks (the server's
+limit; default 256).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
-
-from service.schemas import (
-    CompareResponse,
-    RewardResponse,
-    ScoreResponse,
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_attempt,
+    wait_exponential_jitter,
 )
+
+from polyreward.service.schemas import CompareResponse, RewardResponse, ScoreResponse
 
 RETRY_STATUSES = {429, 502, 503, 504}
 
@@ -62,16 +66,26 @@ class _Base:
             "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {},
         }
 
-    def _delay(self, attempt: int, response: httpx.Response | None) -> float | None:
-        """Seconds to wait before retry number `attempt + 1`, or None when the answer is final."""
-        if attempt >= self.retries or (response is not None and response.status_code not in RETRY_STATUSES):
-            return None
-        wait = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
-        after = response.headers.get("retry-after") if response is not None else None
-        if after is not None:
-            with contextlib.suppress(ValueError):  # an HTTP date: keep the backoff
-                wait = max(wait, min(float(after), self.max_backoff))
-        return wait
+    def _retry_policy(self) -> dict:
+        """tenacity's arguments, shared by the sync and async clients."""
+        backoff = wait_exponential_jitter(initial=self.backoff, max=self.max_backoff, jitter=self.backoff)
+
+        def wait(state: RetryCallState) -> float:
+            seconds = backoff(state)
+            response = None if state.outcome is None or state.outcome.failed else state.outcome.result()
+            after = response.headers.get("retry-after") if response is not None else None
+            if after is not None:
+                with contextlib.suppress(ValueError):  # an HTTP date: keep the backoff
+                    seconds = max(seconds, min(float(after), self.max_backoff))
+            return seconds
+
+        return {
+            "retry": retry_if_exception_type(httpx.TransportError)
+            | retry_if_result(lambda r: r.status_code in RETRY_STATUSES),
+            "wait": wait,
+            "stop": stop_after_attempt(self.retries + 1),
+            "retry_error_callback": lambda state: state.outcome.result(),  # the last answer, or its exception
+        }
 
     @staticmethod
     def _result(response: httpx.Response) -> dict:
@@ -120,18 +134,7 @@ class RewardClient(_Base):
         self._http.close()
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        attempt = 0
-        while True:
-            try:
-                response = self._http.request(method, path, json=body)
-            except httpx.TransportError:
-                if (wait := self._delay(attempt, None)) is None:
-                    raise
-            else:
-                if (wait := self._delay(attempt, response)) is None:
-                    return self._result(response)
-            time.sleep(wait)
-            attempt += 1
+        return self._result(Retrying(**self._retry_policy())(self._http.request, method, path, json=body))
 
     def score(
         self,
@@ -180,18 +183,8 @@ class AsyncRewardClient(_Base):
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        attempt = 0
-        while True:
-            try:
-                response = await self._http.request(method, path, json=body)
-            except httpx.TransportError:
-                if (wait := self._delay(attempt, None)) is None:
-                    raise
-            else:
-                if (wait := self._delay(attempt, response)) is None:
-                    return self._result(response)
-            await asyncio.sleep(wait)
-            attempt += 1
+        policy = AsyncRetrying(**self._retry_policy())
+        return self._result(await policy(self._http.request, method, path, json=body))
 
     async def score(
         self,

@@ -1,10 +1,10 @@
-"""Prometheus metrics, all prefixed `polyreward_` (DESIGN.md section 6), in a registry per app."""
+"""Prometheus metrics, all prefixed `polyreward_` (README, "Serve"), in a registry per app."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from service.batcher import BatchStats
+from polyreward.service.batcher import BatchStats
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 

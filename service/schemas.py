@@ -1,17 +1,19 @@
-"""Request and response bodies of the scoring API (DESIGN.md section 6). Unknown fields are refused."""
+"""Request and response bodies of the scoring API (README, "Serve"; docs/architecture.md). Unknown fields are refused."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
-from models.inputs import Item, Message, exactly_one_of
-from models.manifest import Truncation
+from polyreward.models.runtime.errors import field_names
+from polyreward.models.runtime.items import ChatItem, Item, Message
+from polyreward.models.runtime.manifest import Truncation
 
 TRUNCATION = (
     "over-long items: 'left' drops the oldest tokens, 'error' refuses them [default: the model's policy]"
 )
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -21,42 +23,18 @@ class _Strict(BaseModel):
 class ScoreRequest(_Strict):
     model: str | None = Field(None, description="which loaded model [default: the only / first one]")
     items: list[Item] = Field(min_length=1, description="conversations to score")
-    weights: dict[str, float] | None = Field(
-        None, description="objective -> weight: replaces the gating with this scalarization"
+    weights: dict[str, FiniteFloat] | None = Field(
+        None,
+        description="objective -> weight: score = Σ w·rewards instead of the gating (gating is then left out)",
     )
     normalize: bool = Field(False, description="z-score rewards with the model's calibration stats")
     return_: list[Literal["gating", "uncertainty"]] = Field(
-        default_factory=lambda: ["gating"], alias="return", description="optional outputs to include"
+        default_factory=list,
+        alias="return",
+        description="optional outputs besides score, rewards and gating: 'uncertainty' (per-objective standard "
+        "deviation, for heads that carry it); 'gating' is always returned unless `weights` replace it",
     )
     truncation: Truncation | None = Field(None, description=TRUNCATION)
-
-
-class ErrorDetail(BaseModel):
-    type: str = Field(description="machine-readable kind, e.g. invalid_request, queue_full, unknown_model")
-    message: str = Field(description="what is wrong, naming the field")
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict]:
-    """OpenAPI documentation of the JSON errors a route can answer."""
-    return {s: {"model": ErrorBody, "description": ERRORS[s]} for s in statuses}
-
-
-ERRORS = {
-    400: "the body is not valid JSON",
-    401: "a valid 'Authorization: Bearer <key>' header is required",
-    404: "no loaded model has that name",
-    413: "the body or the number of items is over the limit",
-    422: "a field is missing or invalid (the message names it), or an item is over-long with truncation 'error'",
-    429: "the queue is full; retry after the `Retry-After` header's seconds",
-    500: "an internal error (an inference failure fails only its batch)",
-    503: "models are loading or the server is draining",
-    504: "not scored within the request timeout; its items left the queue",
-}
-SCORING_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 500, 504)
 
 
 class ItemResult(BaseModel):
@@ -80,25 +58,51 @@ class ScoreResponse(BaseModel):
     usage: Usage
 
 
-class Pair(_Strict):
-    model_config = ConfigDict(extra="forbid", json_schema_extra=exactly_one_of(("prompt",), ("messages",)))
-    prompt: str | None = None
-    messages: list[Message] | None = Field(None, description="the conversation before the replies")
+class _Pair(_Strict):
     chosen: str
     rejected: str
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> Pair:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
-        return self
+    def context(self) -> list[Message]:
+        raise NotImplementedError
 
-    def items(self) -> tuple[Item, Item]:
-        context = self.messages or [Message(role="user", content=self.prompt or "")]
+    def items(self) -> tuple[ChatItem, ChatItem]:
         return tuple(  # type: ignore[return-value]
-            Item(messages=[*context, Message(role="assistant", content=reply)])
+            ChatItem(messages=[*self.context(), Message(role="assistant", content=reply)])
             for reply in (self.chosen, self.rejected)
         )
+
+
+class PromptPair(_Pair):
+    prompt: str
+
+    def context(self) -> list[Message]:
+        return [Message(role="user", content=self.prompt)]
+
+
+class ChatPair(_Pair):
+    messages: list[Message] = Field(description="the conversation before the replies")
+
+    def context(self) -> list[Message]:
+        return self.messages
+
+
+def _one_prompt(value: Any) -> Any:
+    if isinstance(value, dict) and ("prompt" in value) == ("messages" in value):
+        raise ValueError("give exactly one of prompt or messages")
+    return value
+
+
+def _pair_shape(value: Any) -> str:
+    if isinstance(value, dict):
+        return "<messages>" if "messages" in value else "<prompt>"
+    return "<messages>" if isinstance(value, ChatPair) else "<prompt>"
+
+
+Pair = Annotated[
+    Annotated[PromptPair, Tag("<prompt>")] | Annotated[ChatPair, Tag("<messages>")],
+    Discriminator(_pair_shape),
+    BeforeValidator(_one_prompt),
+]
 
 
 class CompareRequest(_Strict):
@@ -132,3 +136,7 @@ class RewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]]
+
+
+# Every field name a request body can hold, for "did you mean" suggestions.
+REQUEST_FIELDS = field_names(ScoreRequest, CompareRequest, RewardRequest)

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from polyreward.models.cli import PrecisionChoice, default_is
+
 app = typer.Typer(
     help="Train multi-objective reward heads from a YAML config (see configs/default.yaml).",
     invoke_without_command=True,
@@ -18,14 +20,14 @@ app = typer.Typer(
 Config = Annotated[Path, typer.Option(help="training config (YAML): datasets, backbone, stage settings")]
 Out = Annotated[
     Path | None,
-    typer.Option(help="work directory for caches, heads and the artifact", show_default="from config"),
+    typer.Option(help="work directory for caches, heads and the artifact" + default_is("from the config")),
 ]
 Quiet = Annotated[bool, typer.Option(help="no progress bars")]
 
 
 def _run(config: Path, out: Path | None, quiet: bool = False):
-    from training.config import load_config
-    from training.pipeline import Run
+    from polyreward.training.config import load_config
+    from polyreward.training.pipeline import Run
 
     return Run(load_config(config, out=str(out) if out else None), progress=not quiet and sys.stderr.isatty())
 
@@ -99,8 +101,8 @@ def finetune(
     """Train the backbone end to end with K heads (masked MSE on ratings + Bradley–Terry on labelled pairs),
     then export through the same path as the frozen pipeline. Writes OUT/finetune/{backbone,heads,artifact}.
     """
-    from models.export import export_artifact
-    from training.finetune import finetune as run_finetune
+    from polyreward.models.torch.export import ExportOptions, export_artifact
+    from polyreward.training.finetune import finetune as run_finetune
 
     run = _run(config, out, quiet)
     cfg = run.cfg.finetune if lora is None else run.cfg.finetune.model_copy(update={"lora": lora})
@@ -112,11 +114,11 @@ def finetune(
         cfg,
         progress=run.progress,
     )
-    export_artifact(
-        backbone, heads, run.out / "finetune" / "artifact", run.cfg.export.precisions,
-        name=f"{run.cfg.export.name}-finetuned", max_length=metrics["max_length"], overwrite=True,
-        metrics={"finetune": metrics},
+    options = ExportOptions(
+        precisions=run.cfg.export.precisions, name=f"{run.cfg.export.name}-finetuned",
+        max_length=metrics["max_length"], overwrite=True, metrics={"finetune": metrics},
     )  # fmt: skip
+    export_artifact(backbone, heads, run.out / "finetune" / "artifact", options)
     _echo(metrics)
 
 
@@ -128,7 +130,7 @@ def evaluate_command(
             help="canonical pairs / ratings / best-of-N JSONL, or a training config (its held-out splits); repeatable"
         ),
     ],
-    precision: Annotated[str, typer.Option(help="fp32|int8|fp16")] = "fp32",
+    precision: Annotated[PrecisionChoice, typer.Option(help="the graph to evaluate")] = PrecisionChoice.fp32,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
 ) -> None:
     """Evaluate an artifact with its ONNX graph; writes report.json and PNG plots next to it.
@@ -136,22 +138,24 @@ def evaluate_command(
     Reports pairwise accuracy overall and per subset, per-objective Pearson/Spearman/MSE on rated responses,
     best-of-N accuracy, calibration (ECE of P(chosen ≻ rejected)), length bias and gating weights by subset.
     """
-    from training.data import read_canonical
-    from training.evaluate import evaluate
-    from training.examples import Examples
+    from polyreward.training.data import read_canonical
+    from polyreward.training.data.examples import Examples
+    from polyreward.training.evaluate import evaluate
 
     examples, scales = Examples(), {}
     for path in data:
         if path.suffix in (".yaml", ".yml"):
-            from training.config import load_config
-            from training.pipeline import Run
+            from polyreward.training.config import load_config
+            from polyreward.training.pipeline import Run
 
             run = Run(load_config(path), progress=False)
             examples.extend(run.examples.where("test"))
             scales.update(run.scales())
         else:
             examples.extend(read_canonical(path))
-    report = evaluate(artifact, examples, precision=precision, scales=scales, progress=sys.stderr.isatty())
+    report = evaluate(
+        artifact, examples, precision=precision.value, scales=scales, progress=sys.stderr.isatty()
+    )
     if as_json:
         typer.echo(json.dumps(report))
     else:

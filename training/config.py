@@ -13,11 +13,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from models.errors import PolyrewardError, describe
-from models.manifest import Precision
-from training.data import DatasetSpec, load_specs
-from training.finetune import FinetuneConfig
-from training.stage2 import Stage2Config
+from polyreward.models.runtime.errors import PolyrewardError, describe, field_names
+from polyreward.models.runtime.manifest import Precision
+from polyreward.training.data import DatasetSpec, load_specs
+from polyreward.training.finetune import FinetuneConfig
+from polyreward.training.stage2 import Stage2Config
 
 
 class _Strict(BaseModel):
@@ -109,7 +109,7 @@ def load_config(path: str | os.PathLike, *, out: str | None = None) -> TrainConf
     try:
         cfg = TrainConfig.model_validate({**raw, "datasets": []})
     except ValidationError as e:
-        raise ConfigError(f"{path}: {describe(e)}") from None
+        raise ConfigError(f"{path}: {describe(e, known=field_names(TrainConfig))}") from None
     cfg.datasets = specs
     cfg._base_dir = path.resolve().parent
     cfg._source = str(path)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from models.scorer import Scorer, ScoreResult
-from training.examples import Examples
+from polyreward.models.runtime.scorer import Scorer, ScoreResult
+from polyreward.training.data.examples import Examples
 
 log = logging.getLogger("polyreward.eval")
 

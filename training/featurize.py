@@ -27,8 +27,11 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from models.batching import plan_batches
-from models.inputs import Encoded, InputBuilder, Item, pad_sequences
+from polyreward.models.runtime.batching import pad_sequences, plan_batches
+from polyreward.models.runtime.builder import Encoded, InputBuilder, input_policy
+from polyreward.models.runtime.files import atomic_replace
+from polyreward.models.runtime.items import Item
+from polyreward.models.runtime.session import create_session
 
 log = logging.getLogger("polyreward.featurize")
 
@@ -81,8 +84,7 @@ class FeatureCache:
     ):
         from transformers import AutoConfig, AutoTokenizer
 
-        from models.export import input_policy
-        from models.torch_model import detect_kind
+        from polyreward.models.torch.reward_model import detect_kind
 
         self.backbone_dir = Path(backbone_dir)
         self.engine, self.device = engine, device
@@ -121,7 +123,7 @@ class FeatureCache:
         path = self.dir / f"shard-{len(self._values):05d}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(shard, str(tmp))
-        os.replace(tmp, path)  # atomic: a killed run leaves whole shards or none
+        atomic_replace(tmp, path)  # a killed run leaves whole shards or none
         self._add(shard)
 
     def sequences(self, encoded: Sequence[Encoded]) -> tuple[list[_Sequence], list[tuple[bytes, bytes]]]:
@@ -155,7 +157,7 @@ class FeatureCache:
         progress: bool = True,
     ) -> Features:
         """Embeddings for `items` (input order), computing only the sequences not cached yet."""
-        encoded = self.builder.encode(items)
+        encoded = self.builder.build(items)
         seqs, per_item = self.sequences(encoded)
         batches = plan_batches([len(s.ids) for s in seqs], token_budget, max_items)
         todo = [b for b in batches if any(seqs[i].key not in self._keys for i in b)]
@@ -202,17 +204,14 @@ class FeatureCache:
         log.info("embedded %d sequences in %.1fs", sum(map(len, batches)), time.perf_counter() - t0)
 
     def _onnx_runner(self):
-        import onnxruntime as ort
-
-        from models.export import export_embedder
+        from polyreward.models.torch.embedder import export_embedder
 
         graph = self.dir / EMBEDDER_FILE
         if not graph.exists():
             tmp = self.dir / f"tmp-{os.getpid()}.onnx"
             export_embedder(self.backbone_dir, tmp, max_length=self.policy.max_length)
-            os.replace(tmp, graph)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else None
-        session = ort.InferenceSession(str(graph), providers=providers or ["CPUExecutionProvider"])
+            atomic_replace(tmp, graph)
+        session = create_session(graph, self.device)
         outputs = [o.name for o in session.get_outputs()]
         names = [i.name for i in session.get_inputs()]
         return lambda feeds: np.concatenate(
@@ -222,7 +221,7 @@ class FeatureCache:
     def _torch_runner(self):
         import torch
 
-        from models.torch_model import build_embedder, load_backbone
+        from polyreward.models.torch.reward_model import build_embedder, load_backbone
 
         _, backbone, _ = load_backbone(self.backbone_dir)
         embedder = build_embedder(backbone, self.kind).to(self.device)

@@ -5,9 +5,9 @@ has to move. This trains it end to end on the "train" split: masked MSE on absol
 plus Bradley–Terry on pairs labelled with one objective.
 
 Every reward is computed by the very wrapper that is exported (`build_reward_model`), on inputs from the one
-input builder (`InputBuilder.encode` + `collate` under `input_policy`), so the model trained here is the
+input builder (`InputBuilder.build` + `collate` under `input_policy`), so the model trained here is the
 model the ONNX graph runs. The result is a plain backbone directory (LoRA merged in) and a fixed-weights heads
-file; `models.export.export_artifact(backbone_dir, heads_file, ...)` turns them into an artifact (pass it the
+file; `polyreward.models.torch.export.export_artifact(backbone_dir, heads_file, ...)` turns them into an artifact (pass it the
 `max_length` reported in the metrics, so serving truncates as training did).
 """
 
@@ -27,14 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
 
-from models.artifact import HEADS_FILE
-from models.batching import plan_batches
-from models.errors import PolyrewardError
-from models.export import input_policy
-from models.heads import HeadsConfig, RewardHeads, save_heads
-from models.inputs import Encoded, InputBuilder
-from models.objectives import Objective, check_objectives
-from models.torch_model import (
+from polyreward.models.runtime.artifact import HEADS_FILE
+from polyreward.models.runtime.batching import plan_batches
+from polyreward.models.runtime.builder import Encoded, InputBuilder, input_policy
+from polyreward.models.runtime.errors import PolyrewardError
+from polyreward.models.runtime.objectives import Objective, check_objectives
+from polyreward.models.torch.heads import HeadsConfig, RewardHeads, save_heads
+from polyreward.models.torch.reward_model import (
     RewardModel,
     build_reward_model,
     detect_kind,
@@ -42,7 +41,7 @@ from models.torch_model import (
     score_torch,
     torch_inputs,
 )
-from training.examples import Examples, scale_label
+from polyreward.training.data.examples import Examples, scale_label
 
 BACKBONE_DIR = "backbone"
 # Gradient-norm clip: one odd batch (a long, badly rated item) must not undo what the others taught.
@@ -135,7 +134,7 @@ def training_data(examples: Examples, objectives: Sequence[Objective], builder: 
         )
     items = rated_items + [item for p in pairs for item in p.items]
     return TrainingData(
-        encoded=builder.encode(items),
+        encoded=builder.build(items),
         labels=torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(objectives)),
         pair_objective=torch.tensor([columns[p.objective] for p in pairs], dtype=torch.long),
     )

@@ -18,22 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.heads import GatingConfig, HeadsConfig, RewardHeads, load_heads, save_heads
-from models.inputs import Item
-from models.manifest import CalibrationStat
-from models.objectives import Objective
-from training.config import TrainConfig
-from training.data import read_dataset, subsplit
-from training.examples import Examples, PairExample, scale_label
-from training.featurize import FeatureCache
-from training.stage1 import (
+from polyreward.models.runtime.items import Item
+from polyreward.models.runtime.manifest import CalibrationStat
+from polyreward.models.runtime.objectives import Objective
+from polyreward.models.torch.heads import GatingConfig, HeadsConfig, RewardHeads, load_heads, save_heads
+from polyreward.training.config import TrainConfig
+from polyreward.training.data import Examples, PairExample, read_dataset, subsplit
+from polyreward.training.data.examples import scale_label
+from polyreward.training.featurize import FeatureCache
+from polyreward.training.stage1 import (
     ObjectiveFit,
     fit_bradley_terry,
     fit_ridge_cv,
     heads_from_fits,
     verbosity_target,
 )
-from training.stage2 import PairTensors, debias_transform, spearman, train_gating
+from polyreward.training.stage2 import PairTensors, debias_transform, spearman, train_gating
 
 log = logging.getLogger("polyreward.train")
 
@@ -53,7 +53,7 @@ def _write_json(path: Path, obj) -> None:
 
 class Run:
     def __init__(self, cfg: TrainConfig, *, progress: bool = True):
-        from models.cli import default_backbone
+        from polyreward.models.default import default_backbone
 
         self.cfg = cfg
         self.progress = progress
@@ -89,9 +89,10 @@ class Run:
     @cached_property
     def features(self):
         """Embeddings of every distinct conversation in every split (held-out ones feed the baselines)."""
+        distinct = []
         for it in self.all_items():
-            self._rows.setdefault(_key(it), len(self._rows))
-        distinct = [Item.model_validate_json(k) for k in self._rows]
+            if self._rows.setdefault(_key(it), len(self._rows)) == len(distinct):
+                distinct.append(it)
         f = self.cfg.featurize
         return self.cache.featurize(
             distinct, token_budget=f.token_budget, max_items=f.max_items, shard_items=f.shard_items,
@@ -338,7 +339,7 @@ class Run:
     # -- export and eval -----------------------------------------------------------------------------
 
     def export(self) -> Path:
-        from models.export import export_artifact
+        from polyreward.models.torch.export import ExportOptions, export_artifact
 
         stage2 = json.loads((self.out / "stage2.json").read_text())
         calibration = {n: CalibrationStat(**c) for n, c in stage2["calibration"].items()}
@@ -347,18 +348,19 @@ class Run:
             "held_out": stage2.get("held_out", {}),
         }
         e = self.cfg.export
-        export_artifact(
-            self.backbone, self.out / HEADS_FILE, self.out / ARTIFACT_DIR, e.precisions,
-            name=e.name, version=e.version, max_length=self.cache.policy.max_length, overwrite=True,
-            calibration=calibration, metrics=metrics,
+        options = ExportOptions(
+            precisions=e.precisions, name=e.name, version=e.version, max_length=self.cache.policy.max_length,
+            overwrite=True, calibration=calibration, metrics=metrics,
             provenance={"training_config": self.cfg.source, "datasets": [d.name for d in self.cfg.datasets]},
         )  # fmt: skip
+        export_artifact(self.backbone, self.out / HEADS_FILE, self.out / ARTIFACT_DIR, options)
         return self.out / ARTIFACT_DIR
 
     def evaluate(self) -> dict:
-        from training.evaluate import evaluate
+        from polyreward.training.evaluate import evaluate
 
         return evaluate(
             self.out / ARTIFACT_DIR, self.examples.where("test"), precision=self.cfg.eval.precision,
-            scales=self.scales(), progress=self.progress, baselines=json.loads((self.out / "stage2.json").read_text()).get("held_out"),
+            scales=self.scales(), progress=self.progress,
+            baselines=json.loads((self.out / "stage2.json").read_text()).get("held_out"),
         )  # fmt: skip

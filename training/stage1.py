@@ -166,7 +166,7 @@ def heads_from_fits(
     """
     import torch
 
-    from models.heads import HeadsConfig, RewardHeads
+    from polyreward.models.torch.heads import HeadsConfig, RewardHeads
 
     rank = min(rank, *(len(f.basis) for f in fits))
     heads = RewardHeads(

@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import spearmanr
 
-from models.heads import GatingConfig, GatingNetwork
+from polyreward.models.torch.heads import GatingConfig, GatingNetwork
 
 log = logging.getLogger("polyreward.stage2")
 

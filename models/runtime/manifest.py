@@ -1,0 +1,127 @@
+"""The artifact manifest: a versioned, self-describing record of everything a scorer needs.
+
+A reader refuses any schema version it does not know (see `polyreward.models.runtime.artifact.load_manifest`), so an old
+polyreward never misreads a newer artifact. Bump `SCHEMA_VERSION` on any incompatible change.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from polyreward.models.runtime.objectives import Objective, check_objectives
+
+# 2 added input.gating_marker (an old reader must not serve such an artifact with the wrong gating position).
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+
+Precision = Literal["fp32", "int8", "fp16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "int8", "fp16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneInfo(_Strict):
+    id: str = Field(
+        description="where the backbone came from: a hub id or the directory it was exported from"
+    )
+    kind: Literal["encoder", "decoder"]
+    model_type: str = Field(description="transformers model_type, e.g. 'bert', 'llama'")
+    hidden_size: int
+    pooling: Literal["mean", "last"] = Field(
+        description="mean: masked mean over tokens (encoders); last: hidden state at a token position (decoders)"
+    )
+
+
+class HeadInfo(_Strict):
+    kind: Literal["moe", "fixed"] = Field(
+        description="moe: prompt-conditioned gating; fixed: constant weights"
+    )
+    gating_temperature: float | None = None
+    gating_hidden_dim: int | None = None
+    gating_n_hidden: int | None = None
+
+
+Truncation = Literal["left", "error"]
+
+
+class InputPolicy(_Strict):
+    template: Literal["chat", "plain"] = Field(
+        description="chat: the tokenizer's chat template; plain: 'Role: content' turns joined by blank lines"
+    )
+    max_length: int = Field(ge=8, description="tokens per sequence; longer inputs are truncated or refused")
+    truncation: Truncation = Field(
+        "left",
+        description="left: drop the oldest prompt tokens, then the start of the response; error: refuse",
+    )
+    padding_side: Literal["left", "right"] = "right"
+    gating_marker: str | None = Field(
+        None,
+        description="decoders: read the gating embedding at the first token of the LAST occurrence of this "
+        "text's tokens and refuse items without it (ArmoRM: '<|eot_id|><|start_header_id|>assistant"
+        "<|end_header_id|>\\n\\n'); None: at the last token of the prompt part",
+    )
+
+
+class CalibrationStat(_Strict):
+    mean: float
+    std: float
+
+
+class FileEntry(_Strict):
+    sha256: str
+    size: int
+
+
+class GraphEntry(_Strict):
+    file: str
+    data_files: list[str] = Field(default_factory=list, description="ONNX external-data files, if any")
+    inputs: list[str]
+    outputs: list[str]
+    fused: bool = False
+
+
+class Manifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str = "0.1.0"
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    backbone: BackboneInfo
+    objectives: list[Objective]
+    head: HeadInfo
+    input: InputPolicy
+    calibration: dict[str, CalibrationStat] | None = None
+    graphs: dict[Precision, GraphEntry]
+    files: dict[str, FileEntry] = Field(
+        default_factory=dict, description="relative path -> checksum and size"
+    )
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        check_objectives(self.objectives)
+        if self.backbone.kind == "encoder" and self.input.padding_side == "left":
+            # ORT's fused Attention reads the mask as per-row lengths (ReduceSum), which assumes right padding.
+            raise ValueError("input.padding_side: encoders must be right-padded")
+        if self.backbone.kind == "encoder" and self.input.gating_marker is not None:
+            raise ValueError("input.gating_marker: only decoders read the gating embedding at a token")
+        if not self.graphs:
+            raise ValueError("graphs: an artifact needs at least one ONNX graph")
+        for precision, graph in self.graphs.items():
+            for f in [graph.file, *graph.data_files]:
+                if self.files and f not in self.files:
+                    raise ValueError(f"graphs.{precision}: file {f!r} is not listed in files")
+        if self.calibration is not None:
+            unknown = set(self.calibration) - {o.name for o in self.objectives}
+            if unknown:
+                raise ValueError(f"calibration: unknown objectives {sorted(unknown)}")
+        return self
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [o.name for o in self.objectives]

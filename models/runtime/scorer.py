@@ -1,0 +1,152 @@
+"""`Scorer`: score conversations with an artifact's ONNX graph in length-sorted batches. No torch.
+
+The scorer is the engine behind `polyreward score`, the service and dataset rescoring. Its phases have names
+of their own, so a server can run them on different threads: `tokenize` (items → `Encoded`), `plan` (batches
+under the batching policy), `collate` (one padded batch → the graph's inputs), `forward` (ONNX Runtime) and
+`results` (graph outputs → one `ScoreResult` per item). `score` chains them and returns results in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from polyreward.models.runtime.artifact import TOKENIZER_DIR, load_manifest, verify_graph
+from polyreward.models.runtime.batching import DEFAULTS_TEXT, BatchingPolicy, collate
+from polyreward.models.runtime.builder import Encoded, InputBuilder
+from polyreward.models.runtime.items import Item, parse_item
+from polyreward.models.runtime.manifest import Manifest, Precision, Truncation
+from polyreward.models.runtime.session import (
+    Device,
+    create_session,
+    falls_back,
+    resolve_device,
+    resolve_precision,
+)
+
+log = logging.getLogger("polyreward.scorer")
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float
+    rewards: list[float]  # one per objective, in `Scorer.objectives` order
+    gating: list[float]
+    tokens: int
+    truncated: bool
+    uncertainty: list[float] | None = None  # posterior std per objective, when the heads carry it
+
+    @classmethod
+    def from_outputs(cls, encoded: Encoded, row: dict[str, np.ndarray]) -> ScoreResult:
+        """One item's result from its row of the graph outputs."""
+        uncertainty = row.get("uncertainty")
+        return cls(
+            score=float(row["score"]),
+            rewards=row["rewards"].tolist(),
+            gating=row["gating"].tolist(),
+            tokens=encoded.tokens,
+            truncated=encoded.truncated,
+            uncertainty=None if uncertainty is None else uncertainty.tolist(),
+        )
+
+
+class Scorer:
+    __doc__ = f"""Loads an artifact (checking its files' sha256) and scores items with ONNX Runtime.
+
+    precision: which graph to run (`polyreward.models.runtime.session.resolve_precision`; "auto": fp16 on a GPU
+    when the artifact has it, else fp32). device: "auto" uses CUDA when onnxruntime-gpu sees a GPU, else the
+    CPU; a GPU provider that was asked for but is not the one the session runs on is reported loudly
+    (`fallback` is then True). token_budget / max_batch_items: the default `policy` ({DEFAULTS_TEXT};
+    64 items). threads / spin: ONNX Runtime's intra-op threads and spinning (`create_session`).
+    """
+
+    def __init__(
+        self,
+        artifact: str | os.PathLike,
+        *,
+        precision: Precision | str = "auto",
+        device: Device | str = "auto",
+        token_budget: int | None = None,
+        max_batch_items: int | None = None,
+        threads: int | None = None,
+        spin: bool | None = None,
+    ):
+        from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: that imports torch when present
+
+        self.artifact = Path(artifact)
+        self.device = resolve_device(device)
+        self.manifest: Manifest = load_manifest(self.artifact)
+        self.precision: Precision = resolve_precision(precision, self.manifest.graphs, self.device)
+        verify_graph(self.artifact, self.manifest, self.precision)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(self.artifact / TOKENIZER_DIR)
+        self.builder = InputBuilder(tokenizer, self.manifest.backbone.kind, self.manifest.input)
+        self.policy = BatchingPolicy.for_device(self.device, token_budget, max_batch_items)
+        graph = self.artifact / self.manifest.graphs[self.precision].file
+        self.session = create_session(graph, self.device, threads=threads, spin=spin)
+        self.providers: list[str] = self.session.get_providers()
+        self.fallback = falls_back(self.session, self.device)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def objectives(self) -> list[str]:
+        return self.manifest.objective_names
+
+    # -- the phases ------------------------------------------------------------------------------------
+
+    def tokenize(self, items: Sequence[Item | dict], truncation: Truncation | None = None) -> list[Encoded]:
+        """Validate and tokenize items; raises `InputRejected` naming `items[i]` for an item this model refuses."""
+        return self.builder.build([parse_item(it, f"items[{i}]") for i, it in enumerate(items)], truncation)
+
+    def plan(self, encoded: Sequence[Encoded], policy: BatchingPolicy | None = None) -> list[list[int]]:
+        """Indices of `encoded`, grouped into length-sorted batches under the policy."""
+        return (policy or self.policy).plan([e.tokens for e in encoded])
+
+    def collate(
+        self, batch: Sequence[Encoded], policy: BatchingPolicy | None = None
+    ) -> dict[str, np.ndarray]:
+        """Pad one batch into the graph's inputs (a server does this while the previous batch runs)."""
+        arrays = collate(
+            batch,
+            kind=self.builder.kind,
+            pad_id=self.builder.pad_id,
+            padding_side=self.manifest.input.padding_side,
+            dedup_prompts=(policy or self.policy).dedup_prompts,
+        )
+        return {name: arrays[name] for name in self.input_names}
+
+    def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Collated inputs through the graph: {rewards [N,K], gating [N,K], score [N], uncertainty? [N,K]}."""
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+
+    def results(self, batch: Sequence[Encoded], outputs: dict[str, np.ndarray]) -> list[ScoreResult]:
+        """One result per item of the batch, from the graph's outputs for it."""
+        return [
+            ScoreResult.from_outputs(e, {k: v[row] for k, v in outputs.items()})
+            for row, e in enumerate(batch)
+        ]
+
+    # -- all of them -----------------------------------------------------------------------------------
+
+    def score(
+        self, items: Sequence[Item | dict], *, policy: BatchingPolicy | None = None, progress: bool = False
+    ) -> list[ScoreResult]:
+        """Score items (item models or dicts of the same shape); results come back in input order."""
+        from tqdm import tqdm
+
+        encoded = self.tokenize(items)
+        results: list[ScoreResult | None] = [None] * len(encoded)
+        with tqdm(total=len(encoded), unit="item", desc="scoring", disable=not progress) as bar:
+            for indices in self.plan(encoded, policy):
+                batch = [encoded[i] for i in indices]
+                for i, result in zip(
+                    indices, self.results(batch, self.forward(self.collate(batch, policy))), strict=True
+                ):
+                    results[i] = result
+                bar.update(len(batch))
+        return results  # type: ignore[return-value]

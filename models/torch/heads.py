@@ -1,0 +1,177 @@
+"""Torch reward heads: regression layer, gating network, K×K transform, and fixed-weights mode.
+
+Layout and semantics follow ArmoRM (RLHFlow/ArmoRM-Llama3-8B-v0.1):
+
+    rewards = regression(reward_emb)                        [N, K]
+    gating  = softmax(MLP(gating_emb) / T) * logit_scale    [N, K]   (moe)   or   fixed weights (fixed)
+    score   = sum(gating * (rewards @ transform), -1)       [N]
+
+Heads fitted in closed form (stage 1) also carry each objective's posterior uncertainty, a fourth output:
+
+    uncertainty = sqrt(scale * z' A^-1 z),  z = reward_emb - mean_k                         [N, K]
+
+the posterior standard deviation of the reward, with A the ridge (or Laplace) posterior precision, stored
+low-rank: A^-1 = (I - B'B) / alpha, where the rows of B are the top eigenvectors of the data covariance scaled
+by sqrt(s / (s + alpha)); scale is the label noise variance (ridge) or 1 (Bradley–Terry).
+
+With `normalize`, both embeddings are L2-normalized first (as sentence-transformers does for its models):
+the raw mean-pooled norm shrinks for degenerate text, which would otherwise pull it towards the data mean.
+
+Heads are stored as safetensors with their configuration as JSON in the file's metadata, so a heads file is
+self-describing and loading it never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polyreward.models.runtime.errors import PolyrewardError
+from polyreward.models.runtime.objectives import Objective, check_objectives
+
+HEADS_METADATA_KEY = "polyreward.heads"
+OUTPUTS = ["rewards", "gating", "score"]
+
+
+class HeadsError(PolyrewardError, ValueError):
+    """A heads file that is not ours, or whose tensors do not match its config."""
+
+
+class GatingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(10.0, gt=0)
+    hidden_dim: int = Field(1024, ge=1)
+    n_hidden: int = Field(3, ge=0)
+
+
+class HeadsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    objectives: list[Objective]
+    hidden_size: int = Field(ge=1, description="backbone hidden size D the heads read")
+    kind: Literal["moe", "fixed"] = "moe"
+    gating: GatingConfig | None = None
+    uncertainty_rank: int = Field(
+        0, ge=0, description="rank of the stored posterior factors; 0 = no uncertainty output"
+    )
+    normalize: bool = Field(False, description="L2-normalize the embeddings before the heads")
+
+    def model_post_init(self, _context) -> None:
+        check_objectives(self.objectives)
+        if self.kind == "moe" and self.gating is None:
+            self.gating = GatingConfig()
+
+
+class GatingNetwork(nn.Module):
+    """ArmoRM's gating MLP: `n_hidden` Linear+ReLU layers, a final Linear to K, temperature softmax, scale."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: GatingConfig):
+        super().__init__()
+        self.temperature = cfg.temperature
+        self.logit_scale = nn.Parameter(torch.ones(1))
+        dims = [in_features] + [cfg.hidden_dim] * cfg.n_hidden + [out_features]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return torch.softmax(x / self.temperature, dim=-1) * self.logit_scale
+
+
+class RewardHeads(nn.Module):
+    """Everything after pooling. Runs in float32 whatever the backbone's dtype."""
+
+    def __init__(self, cfg: HeadsConfig):
+        super().__init__()
+        self.cfg = cfg
+        k, d = len(cfg.objectives), cfg.hidden_size
+        self.regression = nn.Linear(d, k)
+        self.gating = GatingNetwork(d, k, cfg.gating) if cfg.kind == "moe" and cfg.gating else None
+        self.register_buffer("transform", torch.eye(k))
+        self.register_buffer("fixed_weights", torch.full((k,), 1.0 / k))
+        if cfg.uncertainty_rank:
+            self.register_buffer("uncertainty_mean", torch.zeros(k, d))
+            self.register_buffer("uncertainty_basis", torch.zeros(k, cfg.uncertainty_rank, d))
+            self.register_buffer("uncertainty_inv_alpha", torch.ones(k))
+            self.register_buffer("uncertainty_scale", torch.ones(k))
+
+    @property
+    def needs_gating_input(self) -> bool:
+        return self.gating is not None
+
+    @property
+    def output_names(self) -> list[str]:
+        return [*OUTPUTS, "uncertainty"] if self.cfg.uncertainty_rank else OUTPUTS
+
+    def uncertainty(self, reward_emb: torch.Tensor) -> torch.Tensor:
+        """Posterior standard deviation of each objective's reward [N, K], from the (normalized) embedding."""
+        z = reward_emb.float()[:, None, :] - self.uncertainty_mean  # [N, K, D]
+        projected = torch.einsum("nkd,krd->nkr", z, self.uncertainty_basis)
+        quad = ((z * z).sum(-1) - (projected * projected).sum(-1)) * self.uncertainty_inv_alpha
+        return torch.sqrt(self.uncertainty_scale * quad.clamp(min=0))
+
+    def forward(
+        self, reward_emb: torch.Tensor, gating_emb: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        reward_emb = reward_emb.float()
+        if self.cfg.normalize:
+            reward_emb = nn.functional.normalize(reward_emb, dim=-1)
+        rewards = self.regression(reward_emb)
+        if self.gating is not None:
+            assert gating_emb is not None, "moe heads need the gating embedding"
+            gating_emb = gating_emb.float()
+            if self.cfg.normalize:
+                gating_emb = nn.functional.normalize(gating_emb, dim=-1)
+            gating = self.gating(gating_emb)
+        else:
+            gating = self.fixed_weights.expand_as(rewards)
+        score = (gating * (rewards @ self.transform)).sum(-1)
+        if self.cfg.uncertainty_rank:
+            return rewards, gating, score, self.uncertainty(reward_emb)
+        return rewards, gating, score
+
+
+def save_heads(heads: RewardHeads, path: str | Path) -> None:
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()}
+    if heads.gating is None:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("gating.")}
+    save_file(tensors, str(path), metadata={HEADS_METADATA_KEY: heads.cfg.model_dump_json()})
+
+
+def read_heads_config(path: str | Path) -> HeadsConfig:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = (f.metadata() or {}).get(HEADS_METADATA_KEY)
+    if meta is None:
+        raise HeadsError(f"{path}: not a polyreward heads file (no '{HEADS_METADATA_KEY}' metadata)")
+    return HeadsConfig.model_validate(json.loads(meta))
+
+
+def load_heads(path: str | Path) -> RewardHeads:
+    """Load heads from safetensors; a missing, extra or mis-shaped tensor is an error naming it."""
+    cfg = read_heads_config(path)
+    heads = RewardHeads(cfg)
+    state = load_file(str(path))
+    expected = heads.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise HeadsError(
+            f"{path}: heads tensors do not match the config: missing {missing}, unexpected {unexpected}"
+        )
+    for name, t in state.items():
+        if t.shape != expected[name].shape:
+            raise HeadsError(
+                f"{path}: tensor {name} has shape {list(t.shape)}, expected {list(expected[name].shape)}"
+            )
+    heads.load_state_dict(state)
+    return heads.eval()

@@ -1,0 +1,105 @@
+"""The HTTP routes. Each handler picks a model from the registry, hands the items to `serving`, and returns what
+`serving` builds; errors are raised and answered by `polyreward.service.errors`."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from polyreward.models.runtime.items import TextItem
+from polyreward.service import serving
+from polyreward.service.errors import SCORING, NotReady, Unauthorized, responses
+from polyreward.service.postprocess import Recipe
+from polyreward.service.registry import Registry
+from polyreward.service.schemas import (
+    CompareRequest,
+    CompareResponse,
+    RewardRequest,
+    RewardResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
+
+_bearer = HTTPBearer(auto_error=False, description="an API key, when the server has keys configured")
+
+
+async def authorize(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """With API keys configured, a scoring route needs one of them (compared in constant time)."""
+    keys: list[bytes] = request.app.state.api_keys
+    token = credentials.credentials.encode() if credentials else b""
+    if keys and not any(hmac.compare_digest(token, k) for k in keys):
+        raise Unauthorized("a valid 'Authorization: Bearer <key>' header is required")
+
+
+def registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+router = APIRouter()
+scoring = APIRouter(dependencies=[Depends(authorize)], responses=responses(*SCORING))
+
+
+@scoring.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True)
+async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
+    """Vector rewards for each item: per-objective rewards, gating weights and the gated score."""
+    model = registry(request).pick(body.model)
+    recipe = Recipe.build(model.scorer.manifest, body.weights, body.normalize)
+    results = await serving.scored(request, model, body.items, body.truncation)
+    return serving.score_response(model, results, recipe, body.return_)
+
+
+@scoring.post("/v1/compare", response_model=CompareResponse)
+async def compare(body: CompareRequest, request: Request) -> CompareResponse:
+    """P(chosen ≻ rejected) for each pair, overall and per objective."""
+    model = registry(request).pick(body.model)
+    items = [it for pair in body.pairs for it in pair.items()]
+    results = await serving.scored(request, model, items, body.truncation, serving.at_pair_side)
+    return serving.compare_response(model, results)
+
+
+@scoring.post("/get_reward", response_model=RewardResponse)
+async def get_reward(body: RewardRequest, request: Request) -> RewardResponse:
+    """OpenRLHF's remote reward protocol: `query` holds whole templated conversations."""
+    model = registry(request).pick(None)
+    results = await serving.scored(request, model, [TextItem(text=q) for q in body.query])
+    return serving.reward_response(model, results)
+
+
+@router.get("/v1/models", dependencies=[Depends(authorize)], responses=responses(Unauthorized))
+async def list_models(request: Request) -> dict:
+    """Loaded models: objectives, backbone, precision, providers, max length, version."""
+    return {"models": [serving.model_info(m) for m in registry(request)]}
+
+
+@router.get("/health")
+async def health() -> dict:
+    """Liveness: the process answers (also while models load)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses=responses(NotReady))
+async def ready(request: Request) -> dict:
+    """Readiness: 200 once every model is loaded and warm; 503 while loading, after a failed load, or draining."""
+    models = registry(request)
+    if not models.ready:
+        raise NotReady(models.not_ready_reason())
+    return {"status": "ready", "models": models.names}
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def prometheus(request: Request) -> Response:
+    """Prometheus text exposition: every series is prefixed `polyreward_`."""
+    metrics = request.app.state.metrics
+    for m in registry(request):
+        metrics.queue_depth.labels(m.name).set(m.batcher.queue_depth)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+router.include_router(scoring)

@@ -1,0 +1,189 @@
+"""The training pipeline through the real CLI: config errors, resumable featurization, the small recipe, eval."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from polyreward.models.runtime.items import PromptItem
+from polyreward.models.runtime.scorer import Scorer
+
+pytestmark = pytest.mark.slow
+
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "reward",
+    "answer",
+    "helpful",
+    "careful",
+    "clear",
+    "short",
+    "long",
+    "detail",
+    "example",
+    "reason",
+    "because",
+]
+
+
+def synthetic_config(root: Path, n: int = 1200, **featurize) -> Path:
+    """A ratings dataset of varied-length texts and a config embedding it with small shards."""
+    rng = np.random.default_rng(1)
+    with open(root / "ratings.jsonl", "w") as f:
+        for i in range(n):
+            words = rng.choice(WORDS, size=int(rng.integers(3, 60)))
+            row = {
+                "uid": f"r{i}",
+                "question": f"Question {i % 97}: explain item {i % 13}?",
+                "answer": " ".join(words),
+                "scores": {"quality": float(rng.integers(1, 6))},
+            }
+            f.write(json.dumps(row) + "\n")
+    opts = {"max_length": 64, "max_items": 32, "shard_items": 128, **featurize}
+    (root / "train.yaml").write_text(
+        "featurize: " + json.dumps(opts) + "\n"
+        "datasets:\n"
+        "  - {name: synth, path: ratings.jsonl, kind: ratings, id: uid, prompt: question, response: answer,"
+        " ratings: scores}\n"
+    )
+    return root / "train.yaml"
+
+
+def test_wrong_field_name_fails_before_any_compute(tmp_path, cli):
+    config = synthetic_config(tmp_path, n=20)
+    config.write_text(config.read_text().replace("response: answer", "response: anser"))
+    proc = cli("train", "--config", config, "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 2
+    assert "anser" in proc.stderr and "ratings.jsonl:1" in proc.stderr and "response" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "features").exists()  # nothing was embedded
+
+
+def test_misspelt_option_is_named(tmp_path, cli):
+    config = synthetic_config(tmp_path, n=20)
+    config.write_text(config.read_text() + "stage2: {tresholds: 0.1}\n")
+    proc = cli("train", "objectives", "--config", config, check=False)
+    assert proc.returncode == 2 and "stage2.tresholds" in proc.stderr
+
+
+def _cached_embeddings(config: Path, out: Path) -> np.ndarray:
+    from polyreward.training.config import load_config
+    from polyreward.training.pipeline import Run
+
+    run = Run(load_config(config, out=str(out)), progress=False)
+    feats = run.features  # everything is cached: nothing is computed here
+    return np.concatenate([feats.reward, feats.gating], 1)
+
+
+def test_killed_featurization_resumes_to_identical_embeddings(tmp_path, cli, polyreward_bin):
+    config = synthetic_config(tmp_path)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [polyreward_bin, "train", "featurize", "--config", config, "--out", killed, "--quiet"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while len(list(killed.glob("features/*/shard-*.safetensors"))) < 3:
+        assert proc.poll() is None, f"featurization ended before it could be killed: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no shard written in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    shards_at_kill = len(list(killed.glob("features/*/shard-*.safetensors")))
+    resumed = cli("train", "featurize", "--config", config, "--out", killed, "--quiet")
+    cached = int(resumed.stderr.split(" cached, ")[0].rsplit("; ", 1)[1])
+    assert cached >= shards_at_kill * 128  # the rerun reused what the killed run committed
+    cli("train", "featurize", "--config", config, "--out", clean, "--quiet")
+    a, b = _cached_embeddings(config, killed), _cached_embeddings(config, clean)
+    assert a.shape == b.shape and a.shape[0] == 1200
+    assert np.array_equal(a, b)
+
+
+def test_finetune_command_trains_and_exports(tmp_path, cli):
+    config = synthetic_config(tmp_path, n=60)
+    config.write_text(config.read_text() + "finetune: {max_steps: 3, batch_size: 4, max_length: 64}\n")
+    proc = cli("train", "finetune", "--config", config, "--out", tmp_path / "out", "--quiet")
+    metrics = json.loads(proc.stdout)
+    assert metrics["steps"] == 3 and metrics["lora"] is True
+    artifact = tmp_path / "out/finetune/artifact"
+    scorer = Scorer(artifact, precision="fp32", device="cpu")
+    assert scorer.objectives == ["quality"] and scorer.manifest.input.max_length == 64
+    assert len(scorer.score([PromptItem(prompt="hi", response="hello there")])) == 1
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, data_dir, cli, repo):
+    """configs/small.yaml, the recipe the tests use, run end to end through the CLI on the real data. (How long
+    it takes is measured, not asserted: that is for bench/, not for a test on a shared machine.)"""
+    out = tmp_path_factory.mktemp("small")
+    cli(
+        "train",
+        "--config",
+        repo / "configs/small.yaml",
+        "--out",
+        out,
+        "--quiet",
+        timeout=900,
+        env={"POLYREWARD_DATA": str(data_dir)},
+    )
+    return out
+
+
+def test_small_recipe_trains_exports_and_reports(small_run):
+    out = small_run
+    report = json.loads((out / "artifact/report.json").read_text())
+    stage1 = json.loads((out / "stage1.json").read_text())
+    rated = [name for name, r in stage1.items() if r["kind"] == "ridge"]
+    assert rated and set(rated) <= set(report["ratings"])
+    for name in rated:  # every rated objective has a held-out Spearman
+        assert -1 <= report["ratings"][name]["spearman"] <= 1
+    assert stage1["harmlessness"]["kind"] == "bradley-terry"
+    assert 0 <= report["accuracy"] <= 1 and report["n"] > 50
+    assert {"hh_harmless", "ultrafeedback"} <= set(report["subsets"])
+    held_out = report["baselines_from_embeddings"]
+    # The embeddings-based gated accuracy and the ONNX eval agree (same pairs, same model).
+    assert abs(held_out["gated"]["accuracy"] - report["accuracy"]) < 0.02
+    assert {"uniform_average", "linear_probe"} <= set(held_out)
+    for png in ("objective_correlation.png", "gating_by_subset.png", "calibration.png"):
+        assert (out / "artifact" / png).stat().st_size > 1000
+
+
+def test_eval_command_on_a_canonical_pairs_file(small_run, data_dir, tmp_path, cli):
+    out = small_run
+    pairs = tmp_path / "pairs.jsonl"
+    with (
+        gzip.open(data_dir / "ultrafeedback_binarized_subset/test.jsonl.gz", "rt") as f,
+        open(pairs, "w") as g,
+    ):
+        for i, line in enumerate(f):
+            if i == 40:
+                break
+            row = json.loads(line)
+            subset = "odd" if i % 2 else "even"
+            g.write(
+                json.dumps(
+                    {
+                        "prompt": row["prompt"],
+                        "chosen": row["chosen"],
+                        "rejected": row["rejected"],
+                        "subset": subset,
+                    }
+                )
+                + "\n"
+            )
+    proc = cli("eval", out / "artifact", "--data", pairs, "--json")
+    report = json.loads(proc.stdout)
+    assert report["n"] == 40 and 0 <= report["accuracy"] <= 1
+    assert {"pairs/even", "pairs/odd"} <= set(report["subsets"])
+    assert report["length_bias"]["n"] == 80
