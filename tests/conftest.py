@@ -84,6 +84,12 @@ def export_family(tmp_path_factory, backbone_dirs):
 
 
 @pytest.fixture(scope="session")
+def minilm_artifact(export_family) -> Path:
+    """The bundled MiniLM with random MoE heads, fp32 and int8: what most service tests serve."""
+    return export_family("minilm")
+
+
+@pytest.fixture(scope="session")
 def default_artifact(tmp_path_factory, backbone_dirs) -> Path:
     """The shipped default model, exported once per session (fp32 and int8)."""
     from polyreward.models.default import default_model

@@ -97,7 +97,7 @@ print(json.dumps({
 """
 
 
-def test_a_trainers_own_models_and_service_do_not_shadow_polyreward(venv, tmp_path, export_family, free_port):
+def test_a_trainers_own_models_and_service_do_not_shadow_polyreward(venv, tmp_path, export_family, serve):
     """From a directory holding its own `models/__init__.py` and `service.py` (both first on sys.path), the
     installed client builds TRL reward functions and scores against a server started in that directory too."""
     from polyreward.models.runtime.scorer import Scorer
@@ -109,23 +109,10 @@ def test_a_trainers_own_models_and_service_do_not_shadow_polyreward(venv, tmp_pa
     )
     (trainer / "service.py").write_text('raise ImportError("the trainer\'s own service module")\n')
     (trainer / "train.py").write_text(textwrap.dedent(TRAINER))
-    python, artifact, port = venv / "bin" / "python", export_family("minilm"), free_port()
-    server = subprocess.Popen(  # `-m`: the trainer's directory is first on the server's sys.path as well
-        [python, "-m", "polyreward.models.cli", "serve", artifact, "--port", str(port)],
-        cwd=trainer, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def alive() -> None:
-        assert server.poll() is None, f"server exited: {server.stderr.read()}"
-
-    try:
-        wait_ready(lambda path: httpx.get(url + path, timeout=2), alive=alive)
+    python, artifact = venv / "bin" / "python", export_family("minilm")
+    # `-m` in the trainer's directory: it comes first on the server's sys.path as well.
+    with serve(artifact, command=(python, "-m", "polyreward.models.cli", "serve"), cwd=trainer) as (url, _):
         done = subprocess.run([python, "train.py", url], cwd=trainer, timeout=120, **RUN)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     got = json.loads(done.stdout)
     offline = Scorer(artifact, precision="fp32", device="cpu")
     want = offline.score(

@@ -47,16 +47,22 @@ def write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def artifact(export_family):
-    return export_family("minilm")
-
-
-@pytest.fixture(scope="module")
-def reference(artifact, tmp_path_factory, cli):
+def reference(minilm_artifact, tmp_path_factory, cli):
     """An uninterrupted run over 96 rows, in 6 shards."""
     root = tmp_path_factory.mktemp("rescore")
     data = write_jsonl(root / "pairs.jsonl", pair_rows(96))
-    cli("rescore", data, "--out", root / "ref", "--artifact", artifact, *PAIRS, "--shard-rows", 16, "--quiet")
+    cli(
+        "rescore",
+        data,
+        "--out",
+        root / "ref",
+        "--artifact",
+        minilm_artifact,
+        *PAIRS,
+        "--shard-rows",
+        16,
+        "--quiet",
+    )
     return data, read_output(root / "ref").to_pylist()
 
 
@@ -75,7 +81,7 @@ def assert_same_values(got: list[dict], want: list[dict], tol: float = 0.0):
             assert max(diffs) <= tol
 
 
-def test_output_has_the_input_rows_vector_rewards_and_a_summary(reference, artifact, tmp_path):
+def test_output_has_the_input_rows_vector_rewards_and_a_summary(reference, minilm_artifact, tmp_path):
     data, rows = reference
     assert [r["row"] for r in rows] == list(range(96))
     first = rows[0]
@@ -87,7 +93,7 @@ def test_output_has_the_input_rows_vector_rewards_and_a_summary(reference, artif
     # The values are the offline scorer's.
     from polyreward.models.runtime.scorer import Scorer
 
-    got = Scorer(artifact).score([{"prompt": first["question"], "response": first["good"]}])[0]
+    got = Scorer(minilm_artifact).score([{"prompt": first["question"], "response": first["good"]}])[0]
     assert first["chosen_score"] == pytest.approx(got.score, abs=1e-5)
     summary = json.loads((data.parent / "ref" / "summary.json").read_text())
     assert summary["rows"] == 96 and summary["pairs"]["n"] == 96
@@ -97,11 +103,22 @@ def test_output_has_the_input_rows_vector_rewards_and_a_summary(reference, artif
 
 
 def test_a_run_killed_half_way_resumes_to_exactly_the_uninterrupted_output(
-    reference, artifact, tmp_path, cli, polyreward_bin
+    reference, minilm_artifact, tmp_path, cli, polyreward_bin
 ):
     data, want = reference
     out = tmp_path / "run"
-    args = ["rescore", data, "--out", out, "--artifact", artifact, *PAIRS, "--shard-rows", 16, "--quiet"]
+    args = [
+        "rescore",
+        data,
+        "--out",
+        out,
+        "--artifact",
+        minilm_artifact,
+        *PAIRS,
+        "--shard-rows",
+        16,
+        "--quiet",
+    ]
     proc = subprocess.Popen(
         [polyreward_bin, *map(str, args)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -124,7 +141,7 @@ def test_a_run_killed_half_way_resumes_to_exactly_the_uninterrupted_output(
     assert_same_values(got, want)  # bit-identical: the same shards, the same batches
 
 
-def test_input_formats_give_the_same_values(reference, artifact, tmp_path, cli):
+def test_input_formats_give_the_same_values(reference, minilm_artifact, tmp_path, cli):
     import datasets
 
     data, want = reference
@@ -144,20 +161,31 @@ def test_input_formats_give_the_same_values(reference, artifact, tmp_path, cli):
     datasets.Dataset.from_list(rows).save_to_disk(str(inputs["hf"]))
     for fmt, path in inputs.items():
         out = tmp_path / f"out-{fmt}"
-        cli("rescore", path, "--out", out, "--artifact", artifact, *PAIRS, "--format", "jsonl", "--quiet")
+        cli(
+            "rescore",
+            path,
+            "--out",
+            out,
+            "--artifact",
+            minilm_artifact,
+            *PAIRS,
+            "--format",
+            "jsonl",
+            "--quiet",
+        )
         assert_same_values(read_output(out), want[:20], tol=1e-5)
 
 
-def test_remote_engine_matches_local(reference, artifact, tmp_path, cli, serve):
+def test_remote_engine_matches_local(reference, minilm_artifact, tmp_path, cli, serve):
     data, want = reference
-    with serve(artifact) as (url, _):
+    with serve(minilm_artifact) as (url, _):
         cli(
             "rescore", data, "--out", tmp_path / "remote", "--url", url, *PAIRS, "--concurrency", 3, "--quiet"
         )
     assert_same_values(read_output(tmp_path / "remote").to_pylist(), want, tol=1e-4)
 
 
-def test_bad_inputs_fail_before_scoring_naming_file_and_column(reference, artifact, tmp_path, cli):
+def test_bad_inputs_fail_before_scoring_naming_file_and_column(reference, minilm_artifact, tmp_path, cli):
     data, _ = reference
     mixed = write_jsonl(
         tmp_path / "second.jsonl", [{k: v for k, v in r.items() if k != "bad"} for r in pair_rows(3)]
@@ -174,20 +202,20 @@ def test_bad_inputs_fail_before_scoring_naming_file_and_column(reference, artifa
     }
     for case, (inputs, message) in cases.items():
         out = tmp_path / case.replace(" ", "-")
-        proc = cli("rescore", *inputs, "--out", out, "--artifact", artifact, *PAIRS, check=False)
+        proc = cli("rescore", *inputs, "--out", out, "--artifact", minilm_artifact, *PAIRS, check=False)
         assert proc.returncode == 2, (case, proc.stderr)
         assert re.search(message, proc.stderr), (case, proc.stderr)
         assert not out.exists() or not any(out.iterdir()), case  # nothing written: fix and rerun as is
     # Resuming after the input changed is refused, naming the file.
     changed = write_jsonl(tmp_path / "changing.jsonl", pair_rows(8))
-    args = ["rescore", changed, "--out", tmp_path / "c", "--artifact", artifact, *PAIRS, "--quiet"]
+    args = ["rescore", changed, "--out", tmp_path / "c", "--artifact", minilm_artifact, *PAIRS, "--quiet"]
     cli(*args)
     write_jsonl(changed, pair_rows(9))
     proc = cli(*args, "--resume", check=False)
     assert proc.returncode == 2 and "changing.jsonl: changed" in proc.stderr
 
 
-def test_ray_engine_matches_local(reference, artifact, tmp_path):
+def test_ray_engine_matches_local(reference, minilm_artifact, tmp_path):
     """Ray Data with an actor pool of two Scorers on a local `ray.init(num_cpus=2)`."""
     ray = pytest.importorskip("ray")
     from polyreward.rescore.cli import build_spec
@@ -198,7 +226,9 @@ def test_ray_engine_matches_local(reference, artifact, tmp_path):
     spec = build_spec([data], "pairs", PAIRS[3::2], None)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        Run([data], spec, tmp_path / "ray", RayEngine(artifact, actors=2), shard_rows=16).run(progress=False)
+        Run([data], spec, tmp_path / "ray", RayEngine(minilm_artifact, actors=2), shard_rows=16).run(
+            progress=False
+        )
     finally:
         ray.shutdown()
     got = read_output(tmp_path / "ray").to_pylist()
@@ -206,15 +236,15 @@ def test_ray_engine_matches_local(reference, artifact, tmp_path):
     assert_same_values(got, want, tol=1e-4)
 
 
-def test_unlabelled_responses_and_hh_transcripts(artifact, tmp_path, cli):
+def test_unlabelled_responses_and_hh_transcripts(minilm_artifact, tmp_path, cli):
     from polyreward.models.runtime.scorer import Scorer
 
     rows = [{"q": f"Question {i}?", "a": "Answer. " * (i + 1)} for i in range(5)]
     data = write_jsonl(tmp_path / "responses.jsonl", rows)
     args = ["--kind", "responses", "--map", "prompt=q", "--map", "response=a", "--quiet"]
-    cli("rescore", data, "--out", tmp_path / "r", "--artifact", artifact, *args)
+    cli("rescore", data, "--out", tmp_path / "r", "--artifact", minilm_artifact, *args)
     got = [r["response_score"] for r in read_output(tmp_path / "r").to_pylist()]
-    want = Scorer(artifact).score([{"prompt": r["q"], "response": r["a"]} for r in rows])
+    want = Scorer(minilm_artifact).score([{"prompt": r["q"], "response": r["a"]} for r in rows])
     assert got == pytest.approx([w.score for w in want], abs=1e-5)
 
     hh = [
@@ -227,8 +257,10 @@ def test_unlabelled_responses_and_hh_transcripts(artifact, tmp_path, cli):
     same = "\n\nHuman: Hi\n\nAssistant: Same."
     data = write_jsonl(tmp_path / "hh.jsonl", [*hh, {"chosen": same, "rejected": same}])
     args = ["--kind", "pairs", "--map", "hh=true", "--map", "chosen=chosen", "--map", "rejected=rejected"]
-    summary = json.loads(cli("rescore", data, "--out", tmp_path / "hh", "--artifact", artifact, *args).stdout)
+    summary = json.loads(
+        cli("rescore", data, "--out", tmp_path / "hh", "--artifact", minilm_artifact, *args).stdout
+    )
     out = read_output(tmp_path / "hh").to_pylist()
-    polite = Scorer(artifact).score([{"prompt": "Hi 0", "response": "Hello, how can I help?"}])[0]
+    polite = Scorer(minilm_artifact).score([{"prompt": "Hi 0", "response": "Hello, how can I help?"}])[0]
     assert out[0]["chosen_score"] == pytest.approx(polite.score, abs=1e-5)
     assert summary["pairs"]["n"] == 4 and summary["skipped"] == {"chosen and rejected are the same text": 1}

@@ -17,19 +17,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
-def artifact(export_family):
-    return export_family("minilm")
-
-
-@pytest.fixture(scope="module")
-def url(artifact, serve):
-    with serve(artifact, api_keys='["k1"]') as (u, _):
+def url(minilm_artifact, serve):
+    with serve(minilm_artifact, api_keys='["k1"]') as (u, _):
         yield u
 
 
 @pytest.fixture(scope="module")
-def offline(artifact):
-    return Scorer(artifact, precision="fp32", device="cpu")
+def offline(minilm_artifact):
+    return Scorer(minilm_artifact, precision="fp32", device="cpu")
 
 
 def as_dicts(items):
@@ -76,11 +71,11 @@ def test_connection_failures_are_retried_with_backoff_then_raised(free_port):
     assert time.monotonic() - started >= 0.35  # 3 waits of at least half of 0.1, 0.2, 0.4 s
 
 
-def test_async_client_rides_out_a_full_queue(artifact, offline, mixed_items, serve):
+def test_async_client_rides_out_a_full_queue(minilm_artifact, offline, mixed_items, serve):
     """Queue cap 8, 16 concurrent 4-item requests: the server answers 429s, the client waits Retry-After and
     retries, and every request ends with the right result."""
     items = as_dicts(mixed_items[:64])
-    with serve(artifact, max_queue_items="8") as (u, _):
+    with serve(minilm_artifact, max_queue_items="8") as (u, _):
 
         async def burst():
             async with AsyncRewardClient(u, retries=20, backoff=0.05) as rm:

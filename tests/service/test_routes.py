@@ -23,13 +23,8 @@ JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def artifact(export_family):
-    return export_family("minilm")
-
-
-@pytest.fixture(scope="module")
-def client(artifact, in_process):
-    with in_process(create_app([artifact], Settings(drain_seconds=0))) as c:
+def client(minilm_artifact, in_process):
+    with in_process(create_app([minilm_artifact], Settings(drain_seconds=0))) as c:
         yield c
 
 
@@ -90,8 +85,8 @@ def test_weights_must_name_known_objectives_and_be_finite(client, error_of):
     assert r.status_code == 422 and r.json()["error"]["type"] == "no_calibration"
 
 
-def test_gating_is_always_returned_unless_weights_replace_it(client, artifact):
-    want = Scorer(artifact, precision="fp32", device="cpu").score([ITEM])[0]
+def test_gating_is_always_returned_unless_weights_replace_it(client, minilm_artifact):
+    want = Scorer(minilm_artifact, precision="fp32", device="cpu").score([ITEM])[0]
     for extras, has_uncertainty in (([], False), (["uncertainty"], True), (["gating", "uncertainty"], True)):
         (got,) = client.post("/v1/score", json={"items": [ITEM], "return": extras}).json()["results"]
         assert np.allclose(got["gating"], want.gating, atol=1e-5)
@@ -138,13 +133,13 @@ def test_every_number_is_its_documented_formula(default_client, default_artifact
     assert [reward["extra_logs"][n][0] for n in names] == pytest.approx(text.rewards, abs=1e-5)
 
 
-def test_models_load_in_the_background(artifact, in_process, error_of):
+def test_models_load_in_the_background(minilm_artifact, in_process, error_of):
     """The app answers /health at once; /ready and the scoring routes answer 503 until the models are loaded."""
     release = threading.Event()
 
     def sources():
         assert release.wait(30)
-        return [artifact]
+        return [minilm_artifact]
 
     with in_process(create_app(sources, Settings(drain_seconds=0)), ready=False) as c:
         assert c.get("/health").json() == {"status": "ok"}
@@ -174,8 +169,8 @@ def test_a_failed_load_is_named_by_ready(in_process, error_of, tmp_path):
         assert failures == [f"{tmp_path}: damaged"]
 
 
-def test_bearer_keys(artifact, in_process, error_of):
-    with in_process(create_app([artifact], Settings(api_keys=["k1", "k2"], drain_seconds=0))) as c:
+def test_bearer_keys(minilm_artifact, in_process, error_of):
+    with in_process(create_app([minilm_artifact], Settings(api_keys=["k1", "k2"], drain_seconds=0))) as c:
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic k1"}):
             assert "Authorization: Bearer" in error_of(
                 c.post("/v1/score", json={"items": [ITEM]}, headers=headers), 401

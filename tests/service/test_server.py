@@ -1,4 +1,4 @@
-"""The real server (`polyreward serve`, uvicorn on 127.0.0.1) on a real exported artifact, over HTTP."""
+"""The real server (`polyreward serve`, uvicorn on 127.0.0.1) on a real exported minilm_artifact, over HTTP."""
 
 from __future__ import annotations
 
@@ -22,21 +22,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
-def artifact(export_family):
-    return export_family("minilm")
-
-
-@pytest.fixture(scope="module")
-def url(artifact, serve):
-    with serve(artifact) as (u, _):
+def url(minilm_artifact, serve):
+    with serve(minilm_artifact) as (u, _):
         yield u
 
 
 ITEM = {"prompt": "What is 2 + 2?", "response": "4."}
 
 
-def test_every_route(url, artifact):
-    scorer = Scorer(artifact, precision="fp32", device="cpu")
+def test_every_route(url, minilm_artifact):
+    scorer = Scorer(minilm_artifact, precision="fp32", device="cpu")
     r = httpx.post(f"{url}/v1/score", json={"items": [ITEM], "return": ["uncertainty"]})
     assert r.status_code == 200
     for header in ("x-request-id", "x-total-time-ms", "x-queue-time-ms", "x-inference-time-ms"):
@@ -73,7 +68,7 @@ def test_every_route(url, artifact):
     assert "polyreward_batch_size_count" in metrics and "polyreward_model_info" in metrics
 
 
-def test_64_concurrent_single_item_clients_match_offline_and_are_batched(url, artifact, mixed_items):
+def test_64_concurrent_single_item_clients_match_offline_and_are_batched(url, minilm_artifact, mixed_items):
     items = [it.model_dump(exclude_none=True) for it in mixed_items[:64]]
 
     async def load():
@@ -84,7 +79,7 @@ def test_64_concurrent_single_item_clients_match_offline_and_are_batched(url, ar
     before = _batch_counts(httpx.get(f"{url}/metrics").text)
     got = np.array(asyncio.run(load()))
     after = _batch_counts(httpx.get(f"{url}/metrics").text)
-    want = np.array([r.score for r in Scorer(artifact, precision="fp32", device="cpu").score(items)])
+    want = np.array([r.score for r in Scorer(minilm_artifact, precision="fp32", device="cpu").score(items)])
     assert np.abs(got - want).max() <= 1e-4
     batches, batched_items = after[0] - before[0], after[1] - before[1]
     assert batched_items == 64 and batched_items / batches > 1
@@ -149,9 +144,9 @@ def test_docs_render_without_network(chromium, url):
     assert "cdn.jsdelivr" not in httpx.get(f"{url}/docs").text
 
 
-def test_client_disconnect_frees_its_items(artifact, mixed_items, serve):
+def test_client_disconnect_frees_its_items(minilm_artifact, mixed_items, serve):
     """A client that gives up while its items wait: they leave the queue (not scored), counted as a rejection."""
-    with serve(artifact) as (u, _):
+    with serve(minilm_artifact) as (u, _):
         backlog = [it.model_dump(exclude_none=True) for it in mixed_items] * 2
 
         async def run():
@@ -171,10 +166,10 @@ def test_client_disconnect_frees_its_items(artifact, mixed_items, serve):
         assert scored == len(backlog)  # the 32 abandoned items were dropped, not scored
 
 
-def test_sigterm_drains(artifact, serve):
+def test_sigterm_drains(minilm_artifact, serve):
     """SIGTERM under load: /ready answers 503 while requests are still served, every request that got an
     answer got a 200, and the server exits once in-flight work is done."""
-    with serve(artifact, drain_seconds="2") as (u, proc):
+    with serve(minilm_artifact, drain_seconds="2") as (u, proc):
         answered: list[tuple[float, int]] = []
         refused = 0
         sent = 0
@@ -216,10 +211,10 @@ def test_sigterm_drains(artifact, serve):
         assert len(answered) + refused == sent
 
 
-def test_limits_auth_and_queue_cap(artifact, mixed_items, serve, error_of):
+def test_limits_auth_and_queue_cap(minilm_artifact, mixed_items, serve, error_of):
     keys = json.dumps(["secret-1", "secret-2"])
     with serve(
-        artifact, api_keys=keys, max_items_per_request="4", max_body_bytes="65536", max_queue_items="8"
+        minilm_artifact, api_keys=keys, max_items_per_request="4", max_body_bytes="65536", max_queue_items="8"
     ) as (u, _):
         auth = {"Authorization": "Bearer secret-2"}
         for route, body in [("/v1/score", {"items": [ITEM]}), ("/get_reward", {"query": ["x"]})]:
@@ -256,18 +251,18 @@ def test_limits_auth_and_queue_cap(artifact, mixed_items, serve, error_of):
             if r.status_code == 200
             for it, res in zip(b, r.json()["results"], strict=True)
         ]
-        want = Scorer(artifact, precision="fp32", device="cpu").score([it for it, _ in ok])
+        want = Scorer(minilm_artifact, precision="fp32", device="cpu").score([it for it, _ in ok])
         assert max(abs(s - w.score) for (_, s), w in zip(ok, want, strict=True)) <= 1e-4
 
 
 def test_the_port_opens_at_once_and_every_start_logs_what_is_served(
-    artifact, export_family, polyreward_bin, free_port
+    minilm_artifact, export_family, polyreward_bin, free_port
 ):
     """/health answers while the models load and /ready answers 503 until they are loaded; the log says which
     model is served from where, on which graph and provider."""
     port, second = free_port(), export_family("llama")
     proc = subprocess.Popen(
-        [polyreward_bin, "serve", artifact, second, "--port", str(port)],
+        [polyreward_bin, "serve", minilm_artifact, second, "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     seen: list[tuple[int, int]] = []  # (/health, /ready) status pairs, in order
@@ -284,10 +279,24 @@ def test_the_port_opens_at_once_and_every_start_logs_what_is_served(
         proc.terminate()
         _, log = proc.communicate(timeout=60)
     assert seen[0] == (200, 503) and {h for h, _ in seen} == {200}, seen
-    for path in (artifact, second):
+    for path in (minilm_artifact, second):
         name = json.loads((path / "manifest.json").read_text())["name"]
         assert re.search(
             rf"serving {re.escape(name)} \S+ from {re.escape(str(path))}: fp32 graph on CPUExecutionProvider",
             log,
         ), log
     assert "ready: serving" in log
+
+
+def test_a_model_that_fails_to_load_stops_the_server_in_one_line(minilm_artifact, tmp_path, cli):
+    damaged = shutil.copytree(minilm_artifact, tmp_path / "damaged")
+    graph = damaged / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    graph.write_bytes(bytes(data))
+    proc = cli("serve", damaged, "--port", "0", check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"error: {graph}: checksum mismatch — the file was modified or damaged after export; re-export the artifact"
+    )

@@ -37,14 +37,16 @@ def wait_ready(get, deadline_s: float = 120, alive=lambda: None) -> None:
 
 
 @contextmanager
-def serve_process(*artifacts, **settings) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`polyreward serve ARTIFACT... --port P` with POLYREWARD_<SETTING> variables; yields (url, process) once
-    /ready answers 200, and stops it after."""
+def serve_process(
+    *artifacts, command=(POLYREWARD, "serve"), cwd=None, **settings
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`polyreward serve ARTIFACT... --port P` (or another `command` that takes those arguments, run in `cwd`)
+    with POLYREWARD_<SETTING> variables; yields (url, process) once /ready answers 200, and stops it after."""
     port = free_port()
     env = {**ENV, **{f"POLYREWARD_{k.upper()}": v for k, v in {"drain_seconds": "0", **settings}.items()}}
     proc = subprocess.Popen(
-        [POLYREWARD, "serve", *map(str, artifacts), "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [*command, *map(str, artifacts), "--port", str(port)],
+        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
 
