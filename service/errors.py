@@ -89,9 +89,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         RecipeError,
         422,
-        "invalid_request",
-        "weights naming objectives the model lacks (unknown_objective), normalize without calibration stats "
-        "(no_calibration)",
+        "unknown_objective",
+        "weights name an objective the model lacks (no_calibration: normalize asked of a model without "
+        "calibration stats)",
     ),
     Rule(
         ItemRejected,

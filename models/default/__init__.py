@@ -47,11 +47,11 @@ def default_model() -> tuple[Path, dict]:
 
 def default_artifact() -> Path:
     """The default model's artifact in the cache (`$POLYREWARD_CACHE`, else ~/.cache/polyreward), exported
-    there the first time (about 30 s on 2 CPU cores; needs the `train` extra)."""
+    there the first time (about 20 s on 2 CPU cores; needs the `train` extra)."""
     _, shipped = default_model()
     out = CACHE / f"{shipped['name']}-{shipped['version']}"
     if not (out / "manifest.json").exists():
-        log.info("building the default model into %s (once; about 30 s)", out)
+        log.info("building the default model into %s (once; about 20 s)", out)
         command = [sys.executable, "-m", "polyreward.models.cli", "export", "--default", "--out", str(out)]
         done = subprocess.run([*command, "--overwrite"], stdout=subprocess.DEVNULL)  # its log goes to stderr
         if done.returncode != 0:
