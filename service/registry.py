@@ -65,10 +65,8 @@ class Registry:
             for path in paths:
                 self._add(self._load(path))
         except Exception as e:  # a damaged artifact, a bad setting: the server cannot serve
-            self.state, self.error = (
-                "failed",
-                f"{e}" if isinstance(e, PolyrewardError) else f"{type(e).__name__}: {e}",
-            )
+            self.error = str(e) if isinstance(e, PolyrewardError) else f"{type(e).__name__}: {e}"
+            self.state = "failed"
             log.error("loading models failed: %s", self.error)
             if self.on_failure:
                 self.on_failure(self.error)

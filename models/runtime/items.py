@@ -106,9 +106,8 @@ def _check_shape(value: Any) -> Any:
             raise ValueError(f"unknown field {unknown[0]!r}{suggestion(unknown[0], ITEM_FIELDS)} ({_ONE_OF})")
         raise ValueError(_ONE_OF)
     pair = [f for f in SHAPES["prompt"] if f in value]
-    if (
-        given == ["prompt"] and len(pair) == 1 and not unknown
-    ):  # (a typo is reported by the model, with a hint)
+    # With a misspelt field beside, the model's own error says which field was meant.
+    if given == ["prompt"] and len(pair) == 1 and not unknown:
         other = "response" if pair == ["prompt"] else "prompt"
         raise ValueError(f"{other}: required together with {pair[0]}")
     return value
