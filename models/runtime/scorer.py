@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from polyreward.models.runtime.artifact import TOKENIZER_DIR, load_manifest, verify_graph
-from polyreward.models.runtime.batching import DEFAULTS_TEXT, BatchingPolicy, collate
+from polyreward.models.runtime.batching import BatchingPolicy, collate
 from polyreward.models.runtime.builder import Encoded, InputBuilder
 from polyreward.models.runtime.items import Item, parse_item
 from polyreward.models.runtime.manifest import Manifest, Precision, Truncation
@@ -56,13 +56,13 @@ class ScoreResult:
 
 
 class Scorer:
-    __doc__ = f"""Loads an artifact (checking its files' sha256) and scores items with ONNX Runtime.
+    """Loads an artifact (checking its files' sha256) and scores items with ONNX Runtime.
 
     precision: which graph to run (`polyreward.models.runtime.session.resolve_precision`; "auto": fp16 on a GPU
     when the artifact has it, else fp32). device: "auto" uses CUDA when onnxruntime-gpu sees a GPU, else the
     CPU; a GPU provider that was asked for but is not the one the session runs on is reported loudly
-    (`fallback` is then True). token_budget / max_batch_items: the default `policy` ({DEFAULTS_TEXT};
-    64 items). threads / spin: ONNX Runtime's intra-op threads and spinning (`create_session`).
+    (`fallback` is then True). token_budget / max_batch_items: the default `policy`
+    (`BatchingPolicy.for_device`). threads / spin: ONNX Runtime's intra-op threads and spinning.
     """
 
     def __init__(
