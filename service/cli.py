@@ -93,7 +93,7 @@ def serve(
     paths = (
         [p for path in artifacts for p in find_artifacts(path)] if artifacts else None
     )  # bad paths fail now
-    app = create_app((lambda: paths) if paths else (lambda: [default_artifact()]), settings)
+    app = create_app(paths or (lambda: [default_artifact()]), settings)  # the default is built when loading
     server = DrainingServer(
         uvicorn.Config(
             app, host=host, port=port, log_level="info", access_log=False,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from polyreward.models.runtime.errors import PolyrewardError
-from polyreward.models.runtime.manifest import Manifest
+from polyreward.models.runtime.artifact import load_manifest
 from polyreward.models.runtime.scorer import Scorer
 from polyreward.service.app import create_app
 from polyreward.service.errors import RULES, SCORING
@@ -98,7 +98,7 @@ def test_gating_is_always_returned_unless_weights_replace_it(client, minilm_arti
 def test_every_number_is_its_documented_formula(default_client, default_artifact):
     """normalize: (r - mean) / std with the manifest's calibration; weights: Σ w·r; compare: σ(margin);
     get_reward: the gated score, and each objective's reward in extra_logs."""
-    manifest = Manifest.model_validate_json((default_artifact / "manifest.json").read_text())
+    manifest = load_manifest(default_artifact)
     names = manifest.objective_names
     mean = np.array([manifest.calibration[n].mean for n in names])
     std = np.array([manifest.calibration[n].std for n in names])
