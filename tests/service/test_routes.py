@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from polyreward.models.runtime.errors import PolyrewardError
 from polyreward.models.runtime.artifact import load_manifest
+from polyreward.models.runtime.errors import PolyrewardError
 from polyreward.models.runtime.scorer import Scorer
 from polyreward.service.app import create_app
 from polyreward.service.errors import RULES, SCORING
