@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,9 +35,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _valid_unicode(value: str) -> str:
+    """Refuse strings that cannot be UTF-8 (a lone surrogate, as JSON's "\\ud800" escape gives)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"not valid Unicode: a lone surrogate {value[e.start]!r} at character {e.start}"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
 class Message(_Strict):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: Text
 
 
 class ChatItem(_Strict):
@@ -62,8 +77,8 @@ class ChatItem(_Strict):
 class PromptItem(_Strict):
     """A one-turn chat: a user prompt and the assistant reply."""
 
-    prompt: str = Field(description="a user prompt")
-    response: str = Field(description="the assistant reply to `prompt`")
+    prompt: Text = Field(description="a user prompt")
+    response: Text = Field(description="the assistant reply to `prompt`")
 
     def as_messages(self) -> list[Message] | None:
         return [Message(role="user", content=self.prompt), Message(role="assistant", content=self.response)]
@@ -72,7 +87,7 @@ class PromptItem(_Strict):
 class TextItem(_Strict):
     """A conversation already rendered with the model's chat template."""
 
-    text: str = Field(min_length=1, description="an already-templated conversation (as OpenRLHF sends it)")
+    text: Text = Field(min_length=1, description="an already-templated conversation (as OpenRLHF sends it)")
 
     def as_messages(self) -> list[Message] | None:
         return None
