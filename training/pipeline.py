@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from polyreward.models.runtime.items import Item
-from polyreward.models.runtime.manifest import CalibrationStat
+from polyreward.models.runtime.manifest import CalibrationStat, ObjectiveUncertainty
 from polyreward.models.runtime.objectives import Objective
+from polyreward.models.runtime.uncertainty import conformal_multipliers
 from polyreward.models.torch.heads import GatingConfig, HeadsConfig, RewardHeads, load_heads, save_heads
 from polyreward.training.config import TrainConfig
 from polyreward.training.data import Examples, PairExample, read_dataset, subsplit
@@ -38,6 +39,7 @@ from polyreward.training.stage2 import PairTensors, debias_transform, spearman, 
 log = logging.getLogger("polyreward.train")
 
 STAGE1_FILE = "stage1.safetensors"
+UNCERTAINTY_FILE = "uncertainty.json"  # per objective: residual variance and conformal multipliers
 HEADS_FILE = "heads.safetensors"
 ARTIFACT_DIR = "artifact"
 VERBOSITY = "verbosity"
@@ -223,6 +225,14 @@ class Run:
         )
         save_heads(heads, self.out / STAGE1_FILE)
         _write_json(self.out / "stage1.json", report)
+        _write_json(self.out / UNCERTAINTY_FILE, {
+            o.name: {
+                "residual_variance": f.residual,
+                "conformal": None if f.conformal_scores is None else conformal_multipliers(f.conformal_scores),
+                "conformal_n": None if f.conformal_scores is None else len(f.conformal_scores),
+            }
+            for o, f in zip(objectives, fits, strict=True)
+        })  # fmt: skip
         for name, r in report.items():
             metric = r.get("val_spearman", r.get("val_accuracy", float("nan")))
             log.info("%-28s %-15s n=%-6d validation %s=%.3f", name, r["kind"], r["n"],
@@ -302,6 +312,10 @@ class Run:
                 n: {"mean": float(ref[:, k].mean()), "std": float(ref[:, k].std())}
                 for k, n in enumerate(names)
             },
+            "debiased_calibration": {
+                n: {"mean": float(after[:, k].mean()), "std": float(after[:, k].std())}
+                for k, n in enumerate(names)
+            },
             "held_out": self._held_out_comparison(stage1, t, net, fit_pairs, val),
         }
         _write_json(self.out / "stage2.json", report)
@@ -342,7 +356,15 @@ class Run:
         from polyreward.models.torch.export import ExportOptions, export_artifact
 
         stage2 = json.loads((self.out / "stage2.json").read_text())
-        calibration = {n: CalibrationStat(**c) for n, c in stage2["calibration"].items()}
+
+        def stats(key: str) -> dict[str, CalibrationStat] | None:
+            return {n: CalibrationStat(**c) for n, c in stage2[key].items()} if key in stage2 else None
+
+        uncertainty = self.out / UNCERTAINTY_FILE
+        uncertainty = (
+            {n: ObjectiveUncertainty(**u) for n, u in json.loads(uncertainty.read_text()).items()}
+            if uncertainty.exists() else None
+        )  # fmt: skip
         metrics = {
             "stage1": json.loads((self.out / "stage1.json").read_text()),
             "held_out": stage2.get("held_out", {}),
@@ -350,7 +372,8 @@ class Run:
         e = self.cfg.export
         options = ExportOptions(
             precisions=e.precisions, name=e.name, version=e.version, max_length=self.cache.policy.max_length,
-            overwrite=True, calibration=calibration, metrics=metrics,
+            overwrite=True, calibration=stats("calibration"), debiased_calibration=stats("debiased_calibration"),
+            uncertainty=uncertainty, metrics=metrics,
             provenance={"training_config": self.cfg.source, "datasets": [d.name for d in self.cfg.datasets]},
         )  # fmt: skip
         export_artifact(self.backbone, self.out / HEADS_FILE, self.out / ARTIFACT_DIR, options)

@@ -34,9 +34,20 @@ class ObjectiveFit:
     alpha: float  # absolute regularization (prior precision)
     scale: float  # multiplier of z'A^-1 z: the label noise variance (ridge) or 1 (Bradley–Terry)
     metrics: dict = field(default_factory=dict)
+    residual: float = 0.0  # label noise variance s² the predictive σ adds (ridge; 0 for Bradley–Terry)
+    conformal_scores: np.ndarray | None = None  # |y − ŷ| / σp on validation rows, ŷ fitted without them
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return x @ self.weight + self.bias
+
+    def epistemic_std(self, x: np.ndarray) -> np.ndarray:
+        """The graph's uncertainty output for these (already normalized) embeddings."""
+        z = x - self.mean
+        quad = ((z * z).sum(-1) - ((z @ self.basis.T) ** 2).sum(-1)) / self.alpha
+        return np.sqrt(self.scale * np.clip(quad, 0, None))
+
+    def predictive_std(self, x: np.ndarray) -> np.ndarray:
+        return np.sqrt(self.epistemic_std(x) ** 2 + self.residual)
 
 
 def _posterior_basis(gram: np.ndarray, alpha: float, rank: int) -> np.ndarray:
@@ -82,15 +93,17 @@ def fit_ridge_cv(
     resid = xc @ w + y[rows].mean() - y[rows]
     noise = float(np.mean(resid**2))
     metrics = {"n": int(rows.sum()), "n_val": int(held.sum()), "alpha": alpha, "val_mse": best[0]}
+    fit = ObjectiveFit(
+        weight=w, bias=b, mean=mu, basis=_posterior_basis(gram, alpha, rank),
+        alpha=alpha, scale=noise, metrics=metrics, residual=noise,
+    )  # fmt: skip
     if held.sum() >= 3:
-        # Validation metrics are from the model fitted without those rows (refit on train only).
+        # Validation metrics and conformal scores are from the model fitted without those rows.
         w_t = v @ (proj / (s + alpha))
         pred = (x[held] - x[train].mean(0)) @ w_t + y[train].mean()
         metrics["val_spearman"] = float(spearmanr(pred, y[held]).statistic)
-    return ObjectiveFit(
-        weight=w, bias=b, mean=mu, basis=_posterior_basis(gram, alpha, rank),
-        alpha=alpha, scale=noise, metrics=metrics,
-    )  # fmt: skip
+        fit.conformal_scores = np.abs(y[held] - pred) / fit.predictive_std(x[held])
+    return fit
 
 
 def _logistic_newton(d: np.ndarray, weight: np.ndarray, lam: float, iters: int = 30) -> np.ndarray:

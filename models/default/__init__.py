@@ -40,6 +40,8 @@ def default_model() -> tuple[Path, dict]:
         "version": manifest.version,
         "max_length": manifest.input.max_length,
         "calibration": manifest.calibration or None,
+        "debiased_calibration": manifest.debiased_calibration,
+        "uncertainty": manifest.uncertainty,
         "metrics": manifest.metrics,
         "provenance": {"trained_by": manifest.provenance.get("training_config"), "default_model": True},
     }

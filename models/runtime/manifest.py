@@ -14,8 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from polyreward.models.runtime.objectives import Objective, check_objectives
 
 # 2 added input.gating_marker (an old reader must not serve such an artifact with the wrong gating position).
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+# 3 added transform (the debiased space) and uncertainty (residual variances, conformal multipliers).
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
+CONFORMAL_LEVELS = tuple(round(0.01 * i, 2) for i in range(1, 100))
 
 Precision = Literal["fp32", "int8", "fp16"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "int8", "fp16")
@@ -72,6 +74,27 @@ class CalibrationStat(_Strict):
     std: float
 
 
+class ObjectiveUncertainty(_Strict):
+    """What turns an objective's epistemic standard deviation (a graph output) into predictive ones and
+    intervals (README, "Uncertainty")."""
+
+    residual_variance: float = Field(
+        0.0, ge=0, description="s²: the label noise a ridge head leaves; predictive σ² = epistemic σ² + s²"
+    )
+    conformal: list[float] | None = Field(
+        None,
+        description="split-conformal multipliers q(l) of the predictive σ for the levels l = 0.01 … 0.99: "
+        "the ⌈(n+1)·l⌉-th smallest |y − ŷ| / σ over n validation rows",
+    )
+    conformal_n: int | None = Field(None, ge=1, description="validation rows behind `conformal`")
+
+    @model_validator(mode="after")
+    def _levels(self) -> ObjectiveUncertainty:
+        if self.conformal is not None and len(self.conformal) != len(CONFORMAL_LEVELS):
+            raise ValueError(f"conformal: {len(CONFORMAL_LEVELS)} multipliers expected, one per level")
+        return self
+
+
 class FileEntry(_Strict):
     sha256: str
     size: int
@@ -94,7 +117,18 @@ class Manifest(_Strict):
     objectives: list[Objective]
     head: HeadInfo
     input: InputPolicy
-    calibration: dict[str, CalibrationStat] | None = None
+    calibration: dict[str, CalibrationStat] | None = Field(
+        None, description="raw rewards' mean and std on the training responses (for normalize)"
+    )
+    debiased_calibration: dict[str, CalibrationStat] | None = Field(
+        None, description="the same for the debiased objectives rewards @ T"
+    )
+    transform: list[list[float]] | None = Field(
+        None,
+        description="the K×K matrix T of the debiased space (rewards @ T), as in the graph; None: not recorded "
+        "(artifacts before schema 3), so only the raw space is served",
+    )
+    uncertainty: dict[str, ObjectiveUncertainty] | None = None
     graphs: dict[Precision, GraphEntry]
     files: dict[str, FileEntry] = Field(
         default_factory=dict, description="relative path -> checksum and size"
@@ -116,10 +150,16 @@ class Manifest(_Strict):
             for f in [graph.file, *graph.data_files]:
                 if self.files and f not in self.files:
                     raise ValueError(f"graphs.{precision}: file {f!r} is not listed in files")
-        if self.calibration is not None:
-            unknown = set(self.calibration) - {o.name for o in self.objectives}
+        names = set(self.objective_names)
+        for field in ("calibration", "debiased_calibration", "uncertainty"):
+            unknown = set(getattr(self, field) or ()) - names
             if unknown:
-                raise ValueError(f"calibration: unknown objectives {sorted(unknown)}")
+                raise ValueError(f"{field}: unknown objectives {sorted(unknown)}")
+        k = len(names)
+        if self.transform is not None and (
+            len(self.transform) != k or any(len(r) != k for r in self.transform)
+        ):
+            raise ValueError(f"transform: must be {k}×{k} (one row and column per objective)")
         return self
 
     @property

@@ -31,6 +31,7 @@ from polyreward.models.runtime.manifest import (
     HeadInfo,
     InputPolicy,
     Manifest,
+    ObjectiveUncertainty,
     Precision,
     Truncation,
 )
@@ -58,8 +59,9 @@ class ExportOptions:
     precisions: the graphs wanted (`graphs`). max_length / truncation / padding_side: the input policy
     (defaults from the model: `polyreward.models.runtime.builder.input_policy`). exporter: torchscript (the form
     ORT fuses) or dynamo. fuse: ORT transformer fusion for BERT-like encoders. name (default: the output
-    directory's name), version, calibration, metrics and provenance (merged into the exporter's own) go into the
-    manifest as given.
+    directory's name), version, calibration (raw and debiased), uncertainty (residual variances and conformal
+    multipliers; without it predictive = epistemic), metrics and provenance (merged into the exporter's own) go
+    into the manifest as given. The transform T always comes from the heads.
     """
 
     precisions: Sequence[Precision] = ("fp32", "int8")
@@ -72,6 +74,8 @@ class ExportOptions:
     overwrite: bool = False
     version: str | None = None
     calibration: dict[str, CalibrationStat] | None = None
+    debiased_calibration: dict[str, CalibrationStat] | None = None
+    uncertainty: dict[str, ObjectiveUncertainty] | None = None
     metrics: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
 
@@ -206,6 +210,9 @@ def _manifest(
         input=policy,
         graphs=graphs,
         calibration=options.calibration,
+        debiased_calibration=options.debiased_calibration,
+        transform=model.heads.transform.detach().double().cpu().tolist(),
+        uncertainty=options.uncertainty,
         metrics=options.metrics,
         provenance=provenance,
         **({"version": options.version} if options.version else {}),
