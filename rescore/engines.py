@@ -105,7 +105,7 @@ class RemoteEngine(_PerShard):
     def _request(self, items: Sequence[Item]) -> list[Scored]:
         body = [it.model_dump(exclude_none=True) for it in items]
         response = self.client.score(body, return_=["gating"], model=self.model)
-        return [Scored(r.score, r.rewards, r.gating or []) for r in response.results]
+        return [Scored(r.raw.score, r.raw.rewards, r.gating or []) for r in response.results]
 
     def score(self, items: Sequence[Item]) -> list[Scored]:
         chunks = [items[i : i + self.request_items] for i in range(0, len(items), self.request_items)]

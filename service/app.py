@@ -13,6 +13,7 @@ from polyreward.models import __version__
 from polyreward.service.errors import install_handlers
 from polyreward.service.metrics import Metrics
 from polyreward.service.middleware import envelope
+from polyreward.service.profiles import Profiles
 from polyreward.service.registry import Registry, Sources
 from polyreward.service.routes import router
 from polyreward.service.settings import Settings
@@ -26,7 +27,8 @@ def create_app(artifacts: list[Path] | Sources, settings: Settings | None = None
     """
     settings = settings or Settings()
     metrics = Metrics()
-    models = Registry(settings, metrics)
+    profiles = Profiles.load(settings.profiles)  # a bad file stops the server before it opens a port
+    models = Registry(settings, metrics, profiles)
     sources = artifacts if callable(artifacts) else lambda: list(artifacts)
 
     @asynccontextmanager
@@ -40,6 +42,7 @@ def create_app(artifacts: list[Path] | Sources, settings: Settings | None = None
         description="Vector rewards from multi-objective reward models.",
     )  # fmt: skip
     app.state.settings, app.state.metrics, app.state.registry = settings, metrics, models
+    app.state.profiles = profiles
     app.state.api_keys = [k.encode() for k in settings.api_key_list()]
     app.middleware("http")(envelope)
     install_handlers(app)

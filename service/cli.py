@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,12 @@ from polyreward.models.cli import (
     default_is,
 )
 from polyreward.models.runtime.batching import DEFAULT_MAX_ITEMS, DEFAULTS_TEXT
+
+
+class SpaceChoice(str, Enum):
+    debiased = "debiased"
+    raw = "raw"
+
 
 TokenBudget = Annotated[
     int | None, typer.Option(help="max padded tokens per batch" + default_is(DEFAULTS_TEXT))
@@ -47,6 +54,12 @@ def serve(
     config: Annotated[
         Path | None,
         typer.Option(help="JSON settings file, e.g. from `polyreward tune`", envvar="POLYREWARD_CONFIG"),
+    ] = None,
+    profiles: Annotated[
+        Path | None,
+        typer.Option(
+            help="reward profiles (YAML): named recipes and the default one (also POLYREWARD_PROFILES)"
+        ),
     ] = None,
     precision: Annotated[
         PrecisionChoice | None, typer.Option(help=PRECISION_HELP + default_is("auto"))
@@ -80,7 +93,7 @@ def serve(
     from polyreward.service.settings import Settings
 
     flags = {
-        "api_key_file": api_key_file, "precision": precision and precision.value, "device": device and device.value,
+        "api_key_file": api_key_file, "profiles": profiles, "precision": precision and precision.value, "device": device and device.value,
         "max_queue_items": max_queue_items, "request_timeout": request_timeout, "drain_seconds": drain_seconds,
     }  # fmt: skip
     if config:
@@ -187,38 +200,67 @@ def score(
     device: DeviceOption = DeviceChoice.auto,
     token_budget: TokenBudget = None,
     max_batch_items: Annotated[int, typer.Option(help="max items per batch")] = DEFAULT_MAX_ITEMS,
+    profiles: Annotated[
+        Path | None, typer.Option(help="reward profiles file (YAML), as `serve --profiles`")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="the profile to apply" + default_is("the file's default"))
+    ] = None,
+    space: Annotated[
+        SpaceChoice | None, typer.Option(help="objectives as debiased (rewards @ T) or raw head outputs")
+    ] = None,
     weights: Annotated[
         str | None,
-        typer.Option(help="OBJECTIVE=WEIGHT,...: score = Σ w·rewards instead of the gating (as /v1/score)"),
+        typer.Option(help="OBJECTIVE=WEIGHT,...: score = Σ w·x instead of the gating (as /v1/score)"),
     ] = None,
     normalize: Annotated[
-        bool, typer.Option(help="z-score rewards with the model's calibration stats")
-    ] = False,
+        bool | None, typer.Option(help="z-score objectives with the model's stats for the space")
+    ] = None,
+    pessimism: Annotated[float | None, typer.Option(help="κ: score − κ·σ(score), epistemic", min=0)] = None,
 ) -> None:
     """Score a JSONL file; writes one JSON line per input line to stdout (other input fields carried through):
-    score, rewards, gating and (for heads that carry it) uncertainty, each objective by name."""
+    score, rewards (in the recipe's space), raw values, gating and (for heads that carry it) uncertainty, each
+    objective by name. Items of the same prompt in the file form a group (transform.reference 'group')."""
     from polyreward.models.runtime.builder import InputRejected
     from polyreward.models.runtime.items import InvalidItem, read_items_jsonl
     from polyreward.models.runtime.scorer import Scorer
-    from polyreward.service.postprocess import Recipe, named
+    from polyreward.service.postprocess import Recipe, named, prompt_key
+    from polyreward.service.profiles import Profiles
+    from polyreward.service.recipe import Pessimism, RecipeSpec, merge
 
     items, extras, lines = read_items_jsonl(input)
     scorer = Scorer(
         artifact, precision=precision.value, device=device.value, token_budget=token_budget,
         max_batch_items=max_batch_items,
     )  # fmt: skip
-    recipe = Recipe.build(scorer.manifest, weights_option(weights), normalize)
+    given = {
+        "space": space and space.value, "weights": weights_option(weights), "normalize": normalize,
+        "pessimism": None if pessimism is None else Pessimism(kappa=pessimism),
+    }  # fmt: skip
+    _, base = Profiles.load(profiles).spec(profile)
+    recipe = Recipe.build(
+        scorer.manifest, merge(base, RecipeSpec(**{k: v for k, v in given.items() if v is not None}))
+    )
     names = scorer.objectives
     try:
         results = scorer.score(items, progress=sys.stderr.isatty())
     except InputRejected as e:
         raise InvalidItem(f"{input}:{lines[e.index]}: {e.reason}") from None
-    for extra, r in zip(extras, results, strict=True):
-        value, rewards = recipe.apply(r)
-        row = {**extra, "score": value, "rewards": named(names, rewards)}
-        if not recipe.replaces_gating:
-            row["gating"] = named(names, r.gating)
-        row |= {"tokens": r.tokens, "truncated": r.truncated}
-        if r.uncertainty is not None:
-            row["uncertainty"] = named(names, r.uncertainty)
-        sys.stdout.write(json.dumps(row) + "\n")
+    wanted = ["uncertainty"] if results and results[0].uncertainty is not None else []
+    rows = recipe.apply(results, [prompt_key(it) for it in items], extras=wanted)
+    for extra, r, row in zip(extras, results, rows, strict=True):
+        out = {**extra, "score": row["score"], "rewards": named(names, row["rewards"])}
+        out["raw"] = {"score": r.score, "rewards": named(names, r.rewards)}
+        for key in ("gating", "transformed"):
+            if key in row:
+                out[key] = named(names, row[key])
+        out |= {"tokens": r.tokens, "truncated": r.truncated}
+        if "slack" in row:
+            out["slack"] = row["slack"]
+        if "uncertainty" in row:
+            u = row["uncertainty"]
+            out["uncertainty"] = {
+                "epistemic": named(names, u["epistemic"]), "predictive": named(names, u["predictive"]),
+                "score": u["score"],
+            }  # fmt: skip
+        sys.stdout.write(json.dumps(out) + "\n")

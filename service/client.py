@@ -99,22 +99,39 @@ class _Base:
         raise ServiceError(response.status_code, kind, message)
 
     def _score_bodies(self, items: Sequence[dict], **options) -> Iterator[dict]:
+        """Request bodies of at most `chunk` items, cut between prompts where possible (a group transform sees
+        a prompt's whole group when its items are consecutive, as GRPO's are)."""
         options = {k: v for k, v in options.items() if v is not None}
         if "return_" in options:
             options["return"] = list(options.pop("return_"))
         model = options.pop("model", None) or self.model
-        for start in range(0, len(items), self.chunk):
-            yield {"items": list(items[start : start + self.chunk]), "model": model, **options}
+        start = 0
+        while start < len(items):
+            end = min(start + self.chunk, len(items))
+            cut = end
+            while (
+                end < len(items) and cut > start + 1 and _prompt_of(items[cut]) == _prompt_of(items[cut - 1])
+            ):
+                cut -= 1
+            end = cut if cut > start + 1 else end
+            yield {"items": list(items[start:end]), "model": model, **options}
+            start = end
 
     @staticmethod
     def _merge_scores(parts: list[dict]) -> ScoreResponse:
-        first = parts[0]
         return ScoreResponse(
-            model=first["model"],
-            objectives=first["objectives"],
-            results=[r for p in parts for r in p["results"]],
-            usage={k: sum(p["usage"][k] for p in parts) for k in ("items", "tokens")},
+            **parts[0]
+            | {
+                "results": [r for p in parts for r in p["results"]],
+                "usage": {k: sum(p["usage"][k] for p in parts) for k in ("items", "tokens")},
+            }
         )
+
+
+def _prompt_of(item: dict) -> str | None:
+    if "prompt" in item:
+        return repr(item["prompt"])
+    return repr(item["messages"][:-1]) if "messages" in item else None
 
 
 class RewardClient(_Base):
@@ -140,21 +157,21 @@ class RewardClient(_Base):
         self,
         items: Sequence[dict],
         *,
-        weights: dict[str, float] | None = None,
-        normalize: bool | None = None,
         return_: Sequence[str] | None = None,
         truncation: str | None = None,
         model: str | None = None,
+        **recipe,
     ) -> ScoreResponse:
-        """Vector rewards for items ({"messages"} | {"prompt", "response"} | {"text"}), in input order."""
-        bodies = self._score_bodies(
-            items, weights=weights, normalize=normalize, return_=return_, truncation=truncation, model=model
-        )
+        """Vector rewards for items ({"messages"} | {"prompt", "response"} | {"text"}), in input order.
+        `recipe`: the request's recipe fields (profile, space, weights, normalize, aggregate, transform,
+        pessimism, constraints, references, level), as JSON values."""
+        bodies = self._score_bodies(items, return_=return_, truncation=truncation, model=model, **recipe)
         return self._merge_scores([self._request("POST", "/v1/score", b) for b in bodies])
 
-    def compare(self, pairs: Sequence[dict], *, model: str | None = None) -> CompareResponse:
-        """P(chosen ≻ rejected) for pairs {"prompt" | "messages", "chosen", "rejected"}."""
-        body = {"pairs": list(pairs), "model": model or self.model}
+    def compare(self, pairs: Sequence[dict], *, model: str | None = None, **recipe) -> CompareResponse:
+        """P(chosen ≻ rejected) for pairs {"prompt" | "messages", "chosen", "rejected"}; `recipe` as in
+        `score`, plus uncertainty=True for the probit form."""
+        body = {"pairs": list(pairs), "model": model or self.model, **recipe}
         return CompareResponse.model_validate(self._request("POST", "/v1/compare", body))
 
     def get_reward(self, query: Sequence[str], prompts: Sequence[str] | None = None) -> RewardResponse:
@@ -190,20 +207,17 @@ class AsyncRewardClient(_Base):
         self,
         items: Sequence[dict],
         *,
-        weights: dict[str, float] | None = None,
-        normalize: bool | None = None,
         return_: Sequence[str] | None = None,
         truncation: str | None = None,
         model: str | None = None,
+        **recipe,
     ) -> ScoreResponse:
-        bodies = self._score_bodies(
-            items, weights=weights, normalize=normalize, return_=return_, truncation=truncation, model=model
-        )
+        bodies = self._score_bodies(items, return_=return_, truncation=truncation, model=model, **recipe)
         parts = await asyncio.gather(*(self._request("POST", "/v1/score", b) for b in bodies))
         return self._merge_scores(list(parts))
 
-    async def compare(self, pairs: Sequence[dict], *, model: str | None = None) -> CompareResponse:
-        body = {"pairs": list(pairs), "model": model or self.model}
+    async def compare(self, pairs: Sequence[dict], *, model: str | None = None, **recipe) -> CompareResponse:
+        body = {"pairs": list(pairs), "model": model or self.model, **recipe}
         return CompareResponse.model_validate(await self._request("POST", "/v1/compare", body))
 
     async def get_reward(self, query: Sequence[str], prompts: Sequence[str] | None = None) -> RewardResponse:
@@ -230,22 +244,32 @@ def as_trl_reward_funcs(
     url: str,
     objectives: Sequence[str] | None = None,
     weights: dict[str, float] | None = None,
+    *,
+    profile: str | None = None,
+    space: str | None = None,
     **client_options,
 ) -> list[Callable[..., list[float]]]:
     """Reward functions for TRL's `GRPOTrainer(reward_funcs=...)`: `f(prompts, completions, **kwargs)`.
 
     * `objectives=["helpfulness", ...]`: one function per objective (TRL logs each by its `__name__`,
-      `polyreward_<objective>`, and sums them with `GRPOConfig.reward_weights`);
-    * `weights={"helpfulness": 1.0, "safety": 2.0}`: one function, `polyreward_weighted`, the weighted sum;
-    * neither: one function, `polyreward_score`, the model's own gated score.
+      `polyreward_<objective>`, and sums them with `GRPOConfig.reward_weights`), in `space` (debiased by
+      default: the values the gating mixes, on one scale);
+    * `weights={"helpfulness": 1.0, "safety": 2.0}`: one function, `polyreward_weighted`, Σ w·x;
+    * `profile="name"`: one function, `polyreward_<name>`, the server profile's reward (also the reward of
+      the other two forms when given with them: objectives come back in the profile's space);
+    * none of these: one function, `polyreward_score`, the server's default profile or the model's own score.
 
-    The functions of one call share their last answer, so K per-objective functions score a batch once.
+    The functions of one call share their last answer, so K per-objective functions score a batch once; a
+    GRPO batch's completions of one prompt go in one request, so group transforms see the whole group.
     `client_options` go to `RewardClient` (api_key, model, timeout, retries, ...).
     """
     if objectives is not None and weights is not None:
         raise ValueError("give objectives (one function each) or weights (one weighted function), not both")
     client = RewardClient(url, **client_options)
-    names = client.score([{"prompt": "ping", "response": "pong"}]).objectives
+    recipe = {
+        k: v for k, v in {"profile": profile, "space": space, "weights": weights}.items() if v is not None
+    }
+    names = client.score([{"prompt": "ping", "response": "pong"}], profile=profile).objectives
     unknown = sorted(set(objectives or weights or ()) - set(names))
     if unknown:
         raise ValueError(f"unknown objectives {unknown}; the model has {names}")
@@ -255,7 +279,7 @@ def as_trl_reward_funcs(
         items = [trl_item(p, c) for p, c in zip(prompts, completions, strict=True)]
         key = repr(items)
         if last["key"] != key:
-            last["response"], last["key"] = client.score(items, weights=weights, return_=[]), key
+            last["response"], last["key"] = client.score(items, return_=[], **recipe), key
         return last["response"]
 
     def make(name: str, objective: int | None) -> Callable[..., list[float]]:
@@ -268,4 +292,5 @@ def as_trl_reward_funcs(
 
     if objectives is not None:
         return [make(f"polyreward_{n}", names.index(n)) for n in objectives]
-    return [make("polyreward_weighted" if weights else "polyreward_score", None)]
+    name = "weighted" if weights else (profile or "score")
+    return [make(f"polyreward_{name}", None)]

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from polyreward.models.runtime.builder import InputRejected
 from polyreward.models.runtime.errors import describe, describe_errors
 from polyreward.service.batcher import QueueFull
-from polyreward.service.postprocess import RecipeError
+from polyreward.service.recipe import RecipeError
 from polyreward.service.schemas import REQUEST_FIELDS
 
 

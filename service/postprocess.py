@@ -1,98 +1,347 @@
-"""Post-processing: from a model's outputs to the numbers a caller asked for. Torch-free (numpy only).
+"""Reward recipes: from a model's outputs to the reward a training run optimises. Torch-free (numpy only).
 
-The service (`/v1/score`, `/v1/compare`, `/get_reward`), `polyreward score` and `polyreward rescore` all go
-through here. With K objectives, an item's rewards `r` [K], the calibration stats (mean_k, std_k) of the
-artifact's manifest and a caller's weights `w`:
+The service (`/v1/score`, `/v1/compare`, `/get_reward`), `polyreward score`, `polyreward rescore`, the Python
+client and the TRL adapter all go through here; the formulas are the README's "Reward semantics". For one
+item with raw head outputs r [K], gating g [K], epistemic standard deviations σe [K], the manifest's transform
+T, residual variances s² and calibration stats:
 
-    normalize:  r_k ← (r_k − mean_k) / std_k          (std_k = 0 counts as 1)
-    weights:    score = Σ_k w_k r_k                    (after normalize when both are asked; unnamed w_k = 0)
-    otherwise:  score = the model's own gated score     (Σ_k gate_k(prompt) (r @ T)_k, computed in the graph)
-    pairs:      P(chosen ≻ rejected) = σ(score_c − score_r); per objective σ(r_c,k − r_r,k)
+    space      raw: x = r                       debiased (default): x = r @ T
+    normalize  x ← (x − mean) / std             (the space's own stats; std = 0 counts as 1)
+               — in both cases x = r @ A − b for a fixed matrix A [K, K] and offset b [K]
+    transform  u_k = log σ(x_k − ref_k)        ref: fixed values, the mean of the other items of the same
+                                                prompt in the request ("group"), or of the request's
+                                                reference responses for that prompt ("references")
+    aggregate  gating: Σ g_k y_k   sum: Σ w_k y_k   and: Σ w_k u_k (needs the transform)
+               min: min over w_k > 0 of w_k y_k          (y = u with a transform, else x)
+    pessimism  score ← aggregate − κ σ(score)
+    constraint score ← score − penalty Σ_k max(0, min_k − x_k);  slack_k = x_k − min_k
 
-with σ(x) = 1 / (1 + e^−x). Raw values stay available: a recipe never changes a `ScoreResult`.
+Uncertainty: raw variances are diagonal, Σ = diag(σ²) with σe² (epistemic) or σe² + s² (predictive); heads
+are fitted independently, and their label-noise correlation is not modelled. Everything above is linear in r
+except the transform and `min`, which are linearized at the item's value (the delta method: d/dz log σ(z) =
+σ(−z); `min` takes the gradient of the objective that attains it). So with β = A (c ⊙ J), c the aggregate's
+weights and J the transform's derivative (1 without one): Var(x_j) = Σ_k A_kj² σ_k², Var(score) = Σ_k β_k² σ_k².
+References and group means count as fixed. Intervals at level l: x_j ± z_l √(Σ_k A_kj² σ̃_k²), with
+σ̃_k = σp_k q_k(l) / z_l where the head has conformal multipliers q_k, else σp_k (Gaussian); in the raw space
+this is exactly the split-conformal interval r_k ± q_k(l) σp_k. Raw values always come back beside.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from polyreward.models.runtime.errors import PolyrewardError
+from polyreward.models.runtime.items import Item
 from polyreward.models.runtime.manifest import Manifest
 from polyreward.models.runtime.scorer import ScoreResult
+from polyreward.models.runtime.uncertainty import normal_quantile, stored_level
+from polyreward.service.recipe import Aggregate, RecipeError, RecipeSpec, Space
 
 
-class RecipeError(PolyrewardError, ValueError):
-    """A recipe the model cannot apply; the message names the field, `type` says what is wrong."""
+def prompt_key(item: Item) -> str | None:
+    """Items with the same prompt (every message before the reply) form a group; text items have none."""
+    messages = item.as_messages()
+    return None if messages is None else json.dumps([m.model_dump() for m in messages[:-1]])
 
-    def __init__(self, message: str, type: str):
-        super().__init__(message)
-        self.type = type
+
+def _log_sigmoid(z: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -z)
+
+
+def sigmoid(x):
+    """1 / (1 + e^-x) without overflow, for a float (→ float) or an array."""
+    out = np.exp(-np.logaddexp(0.0, -np.asarray(x, np.float64)))
+    return float(out) if out.ndim == 0 else out
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """What to do with a model's outputs: z-score the rewards (`mean`/`std` given), weigh them (`weights`)."""
+    """A `RecipeSpec` checked against one model and compiled to arrays (see the module docstring)."""
 
-    weights: np.ndarray | None = None  # [K], replaces the gating
-    mean: np.ndarray | None = None  # [K]
-    std: np.ndarray | None = None  # [K]
+    spec: RecipeSpec
+    names: tuple[str, ...]
+    space: Space
+    aggregate: Aggregate
+    a: np.ndarray  # [K, K]: x = r @ a − b
+    b: np.ndarray  # [K]
+    transform: np.ndarray | None  # [K, K] T, for the gated score's gradient
+    weights: np.ndarray | None  # [K]
+    residual: np.ndarray  # [K] s²
+    conformal: tuple[tuple[float, ...] | None, ...]  # per objective, multipliers per stored level
+    has_uncertainty: bool
 
     @classmethod
-    def build(
-        cls, manifest: Manifest, weights: Mapping[str, float] | None = None, normalize: bool = False
-    ) -> Recipe:
-        names = manifest.objective_names
-        vector = None
-        if weights is not None:
-            unknown = sorted(set(weights) - set(names))
+    def build(cls, manifest: Manifest, spec: RecipeSpec | None = None, **fields) -> Recipe:
+        """Check `spec` (or the fields given) against the model: unknown objectives, a transform it lacks,
+        stats it has no record of, uncertainty its heads do not carry → `RecipeError` naming the field."""
+        spec = RecipeSpec(**fields) if spec is None else spec
+        names = tuple(manifest.objective_names)
+        k = len(names)
+        for field, given in [
+            ("weights", spec.weights),
+            ("transform.reference", spec.transform and not isinstance(spec.transform.reference, str)
+             and spec.transform.reference),
+            ("constraints.min", spec.constraints and spec.constraints.min),
+        ]:  # fmt: skip
+            unknown = sorted(set(given or ()) - set(names))
             if unknown:
                 raise RecipeError(
-                    f"weights: unknown objectives {unknown}; known: {names}", "unknown_objective"
+                    f"{field}: unknown objectives {unknown}; known: {list(names)}", "unknown_objective"
                 )
-            vector = np.array([weights.get(n, 0.0) for n in names])
-        if not normalize:
-            return cls(vector)
-        calibration = manifest.calibration or {}
-        missing = [n for n in names if n not in calibration]
-        if missing:
+        space = spec.space or ("debiased" if manifest.transform is not None else "raw")
+        if space == "debiased" and manifest.transform is None:
             raise RecipeError(
-                f"normalize: model {manifest.name!r} has no calibration stats for {missing}", "no_calibration"
+                f"space: model {manifest.name!r} records no transform (exported before manifest schema 3); "
+                "re-export it, or ask for space 'raw'", "no_transform",
+            )  # fmt: skip
+        transform = None if manifest.transform is None else np.array(manifest.transform, np.float64)
+        a = transform if space == "debiased" else np.eye(k)
+        b = np.zeros(k)
+        if spec.normalize:
+            field = "calibration" if space == "raw" else "debiased_calibration"
+            stats = getattr(manifest, field) or {}
+            missing = [n for n in names if n not in stats]
+            if missing:
+                raise RecipeError(
+                    f"normalize: model {manifest.name!r} has no {space} calibration stats for {missing}",
+                    "no_calibration",
+                )
+            mean = np.array([stats[n].mean for n in names])
+            std = np.array([stats[n].std or 1.0 for n in names])
+            a, b = a / std, mean / std
+        aggregate = spec.aggregate or ("sum" if spec.weights is not None else "gating")
+        if aggregate == "gating" and spec.weights is not None:
+            raise RecipeError(
+                "weights: aggregate 'gating' mixes by the model's own gating; leave weights out or set "
+                "aggregate to sum, and or min", "conflicting_options",
+            )  # fmt: skip
+        if aggregate != "gating" and spec.weights is None:
+            raise RecipeError(
+                f"weights: aggregate {aggregate!r} needs weights naming the objectives", "needs_weights"
             )
-        mean = np.array([calibration[n].mean for n in names])
-        std = np.array([calibration[n].std or 1.0 for n in names])
-        return cls(vector, mean, std)
+        if aggregate == "and" and spec.transform is None:
+            raise RecipeError(
+                "transform: aggregate 'and' is the sum of log-sigmoids and needs transform.reference",
+                "needs_transform",
+            )
+        if isinstance(ref := spec.transform and spec.transform.reference, dict):
+            used = [n for n, w in zip(names, _vector(names, spec.weights, 1.0), strict=True) if w]
+            missing = [n for n in used if n not in ref]
+            if missing:
+                raise RecipeError(f"transform.reference: no value for {missing}", "missing_reference")
+        has_uncertainty = any("uncertainty" in g.outputs for g in manifest.graphs.values())
+        if spec.pessimism is not None and not has_uncertainty:
+            raise RecipeError(
+                f"pessimism: model {manifest.name!r} has no uncertainty output", "no_uncertainty"
+            )
+        if spec.pessimism is not None and transform is None and aggregate == "gating" and not spec.transform:
+            raise RecipeError(
+                f"pessimism: model {manifest.name!r} records no transform, so its gated score's σ is unknown; "
+                "give weights", "no_transform",
+            )  # fmt: skip
+        info = manifest.uncertainty or {}
+        return cls(
+            spec=spec, names=names, space=space, aggregate=aggregate, a=a, b=b, transform=transform,
+            weights=None if spec.weights is None else _vector(names, spec.weights, 0.0),
+            residual=np.array([info[n].residual_variance if n in info else 0.0 for n in names]),
+            conformal=tuple(tuple(info[n].conformal) if n in info and info[n].conformal else None for n in names),
+            has_uncertainty=has_uncertainty,
+        )  # fmt: skip
 
     @property
-    def replaces_gating(self) -> bool:
-        return self.weights is not None
+    def needs_groups(self) -> bool:
+        return self.spec.transform is not None and self.spec.transform.reference == "group"
 
-    def apply(self, result: ScoreResult) -> tuple[float, list[float]]:
-        """(score, rewards) of one result under this recipe."""
-        rewards = np.array(result.rewards)
-        if self.mean is not None:
-            rewards = (rewards - self.mean) / self.std
-        score = float(rewards @ self.weights) if self.weights is not None else result.score
-        return score, rewards.tolist()
+    @property
+    def needs_references(self) -> bool:
+        return self.spec.transform is not None and self.spec.transform.reference == "references"
+
+    def check(
+        self,
+        groups: Sequence[str | None] | None = None,
+        references: Collection[str] | None = None,
+        extras: Sequence[str] = (),
+        level: float = 0.9,
+    ) -> list[list[int]] | None:
+        """Every check that needs no scores (the service runs it before scoring): the extras the model can
+        give, the level, groups and references where the recipe reads them. Returns each item's group
+        (the indices of the items of its prompt) where the recipe or the extras need groups."""
+        if {"uncertainty", "intervals"} & set(extras) and not self.has_uncertainty:
+            raise RecipeError("return: this model's heads carry no uncertainty output", "no_uncertainty")
+        if not 0.01 <= level <= 0.99:
+            raise RecipeError(f"level: {level} is outside [0.01, 0.99]", "invalid_level")
+        members = None
+        if self.needs_groups or {"group_ranks", "group_z"} & set(extras):
+            members = _groups(groups)
+        if self.needs_groups:
+            alone = next((i for i, peers in enumerate(members) if len(peers) < 2), None)  # type: ignore[arg-type]
+            if alone is not None:
+                raise RecipeError(
+                    f"transform.reference: items[{alone}] is the only item of its prompt in the request; "
+                    "'group' needs at least two responses per prompt", "group_too_small",
+                )  # fmt: skip
+        if self.needs_references:
+            missing = next(
+                (i for i, g in enumerate(groups or ()) if g is None or g not in (references or ())), None
+            )
+            if missing is not None or not groups:
+                raise RecipeError(
+                    f"references: no reference response for the prompt of items[{missing or 0}]",
+                    "missing_reference",
+                )
+        return members
+
+    def values(self, results: Sequence[ScoreResult]) -> np.ndarray:
+        """x [N, K]: every item's objectives in the recipe's space."""
+        return np.array([r.rewards for r in results], np.float64) @ self.a - self.b
+
+    def apply(
+        self,
+        results: Sequence[ScoreResult],
+        groups: Sequence[str | None] | None = None,
+        references: Mapping[str, Sequence[ScoreResult]] | None = None,
+        extras: Sequence[str] = (),
+        level: float = 0.9,
+    ) -> list[dict]:
+        """Per item a dict of the response fields: score, rewards (x), raw, and what the recipe and `extras`
+        add (gating, transformed, slack, uncertainty, intervals, group_ranks, group_z)."""
+        members = self.check(groups, references, extras, level)
+        spec = self.spec
+        x = self.values(results)
+        gating = np.array([r.gating for r in results], np.float64)
+        # y: what the aggregate combines, jac: dy/dx
+        y, jac, transformed = x, np.ones_like(x), None
+        if spec.transform is not None:
+            ref = self._reference(x, members, groups, references or {})
+            transformed = _log_sigmoid(x - ref)
+            y, jac = transformed, sigmoid(-(x - ref))
+        score, beta = self._aggregate(y, jac, gating, np.array([r.score for r in results], np.float64))
+        sig_e = sig_p = None
+        if self.has_uncertainty and results[0].uncertainty is not None:
+            sig_e = np.array([r.uncertainty for r in results], np.float64)
+            sig_p = np.sqrt(sig_e**2 + self.residual)
+        if spec.pessimism is not None and spec.pessimism.kappa:
+            sig = sig_e if spec.pessimism.uncertainty == "epistemic" else sig_p
+            score = score - spec.pessimism.kappa * np.sqrt(((beta * sig) ** 2).sum(-1))
+        slack = None
+        if spec.constraints is not None:
+            index = [self.names.index(o) for o in spec.constraints.min]
+            slack = x[:, index] - np.array(list(spec.constraints.min.values()))
+            score = score - spec.constraints.penalty * np.maximum(0.0, -slack).sum(-1)
+        out = []
+        for i, r in enumerate(results):
+            row: dict = {"score": float(score[i]), "rewards": x[i].tolist(),
+                         "raw": {"score": r.score, "rewards": list(r.rewards)}}  # fmt: skip
+            if self.aggregate == "gating":
+                row["gating"] = list(r.gating)
+            if transformed is not None:
+                row["transformed"] = transformed[i].tolist()
+            if slack is not None:
+                row["slack"] = dict(zip(spec.constraints.min, slack[i].tolist(), strict=True))  # type: ignore[union-attr]
+            if sig_e is not None and "uncertainty" in extras:
+                row["uncertainty"] = {
+                    "epistemic": self._std(sig_e[i]).tolist(),
+                    "predictive": self._std(sig_p[i]).tolist(),  # type: ignore[index]
+                    "score": {
+                        "epistemic": _norm(beta[i] * sig_e[i]),
+                        "predictive": _norm(beta[i] * sig_p[i]),
+                    },  # type: ignore[index]
+                }
+            if sig_p is not None and "intervals" in extras:
+                row["intervals"] = self._intervals(x[i], score[i], beta[i], sig_p[i], level)
+            if members is not None and {"group_ranks", "group_z"} & set(extras):
+                peers = x[members[i]]
+                if "group_ranks" in extras:
+                    below, tied = (peers < x[i]).sum(0), (peers == x[i]).sum(0)
+                    row["group_ranks"] = ((below + tied / 2) / len(peers)).tolist()
+                if "group_z" in extras:
+                    std = peers.std(0)
+                    row["group_z"] = np.where(
+                        std > 0, (x[i] - peers.mean(0)) / np.where(std > 0, std, 1), 0.0
+                    ).tolist()
+            out.append(row)
+        return out
+
+    def _std(self, sigma: np.ndarray) -> np.ndarray:
+        """σ of each x_j from the raw σ: √(Σ_k A_kj² σ_k²)."""
+        return np.sqrt((self.a**2 * (sigma**2)[:, None]).sum(0))
+
+    def _intervals(self, x, score, beta, sig_p, level) -> dict:
+        z = normal_quantile(level)
+        j = stored_level(level)
+        scaled = np.array([q[j] / z if q else 1.0 for q in self.conformal]) * sig_p
+        half = z * self._std(scaled)
+        sigma = _norm(beta * scaled)
+        return {
+            "level": level,
+            "rewards": np.stack([x - half, x + half], -1).tolist(),
+            "score": None if sigma is None else [float(score - z * sigma), float(score + z * sigma)],
+        }
+
+    def _aggregate(self, y, jac, gating, model_score) -> tuple[np.ndarray, np.ndarray]:
+        """(aggregate [N], its gradient with respect to the raw rewards, β [N, K]).
+
+        `gating` without a transform is the model's own score (the graph's value), Σ_j g_j (r @ T)_j, so
+        β = T g; otherwise the aggregate's weights c on y give β = A (c ⊙ dy/dx)."""
+        if self.aggregate == "gating" and self.spec.transform is None:
+            t = self.transform if self.transform is not None else np.full((len(self.names),) * 2, np.nan)
+            return model_score, gating @ t.T
+        if self.aggregate == "gating":
+            score, coef = (gating * y).sum(-1), gating
+        elif self.aggregate == "min":
+            w = self.weights
+            active = np.flatnonzero(w)
+            weighted = y[:, active] * w[active]
+            worst = active[weighted.argmin(-1)]
+            coef = np.zeros_like(y)
+            coef[np.arange(len(y)), worst] = w[worst]
+            score = weighted.min(-1)
+        else:
+            score, coef = y @ self.weights, np.broadcast_to(self.weights, y.shape)
+        return score, (coef * jac) @ self.a.T
+
+    def _reference(self, x, members, groups, references) -> np.ndarray:
+        """ref [N, K] for the transform (`check` has made sure groups and references exist)."""
+        ref = self.spec.transform.reference  # type: ignore[union-attr]
+        if isinstance(ref, dict):
+            return np.array([ref.get(n, 0.0) for n in self.names])
+        if ref == "group":
+            return np.array([x[[j for j in peers if j != i]].mean(0) for i, peers in enumerate(members)])
+        return np.array([self.values(references[g]).mean(0) for g in groups])
 
 
-def sigmoid(x: float) -> float:
-    """1 / (1 + e^-x), without overflow for large |x|."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
+def _vector(names: Sequence[str], given: Mapping[str, float] | None, fill: float) -> np.ndarray:
+    return np.array([given.get(n, 0.0) for n in names] if given is not None else [fill] * len(names))
 
 
-def pair_probabilities(
-    chosen: ScoreResult, rejected: ScoreResult, names: Sequence[str]
-) -> tuple[float, dict]:
-    """P(chosen ≻ rejected) from the score margin, and per objective from the reward margin."""
-    per = {n: sigmoid(c - r) for n, c, r in zip(names, chosen.rewards, rejected.rewards, strict=True)}
-    return sigmoid(chosen.score - rejected.score), per
+def _norm(v: np.ndarray) -> float | None:
+    """√(Σ v²); None where it is unknown (a gated score without the model's transform)."""
+    out = float(np.sqrt((v**2).sum()))
+    return out if math.isfinite(out) else None
+
+
+def _groups(groups: Sequence[str | None] | None) -> list[list[int]]:
+    """For each item, the indices of the items of its prompt (itself included)."""
+    for i, g in enumerate(groups or [None]):
+        if g is None:
+            raise RecipeError(
+                f"items[{i}]: a text item has no prompt to group by; send messages or prompt+response",
+                "no_group",
+            )
+    index: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):  # type: ignore[arg-type]
+        index.setdefault(g, []).append(i)  # type: ignore[arg-type]
+    return [index[g] for g in groups]  # type: ignore[index,union-attr]
+
+
+def margin_probability(margin: float, variance: float = 0.0) -> float:
+    """P(chosen ≻ rejected) = E[σ(m)] for m ~ N(margin, variance), by the probit approximation
+    σ(margin / √(1 + π·variance / 8)); variance 0 gives σ(margin)."""
+    return sigmoid(margin / math.sqrt(1.0 + math.pi * variance / 8.0))
 
 
 def named(names: Sequence[str], values: Sequence[float] | None) -> dict[str, float] | None:

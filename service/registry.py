@@ -24,6 +24,7 @@ from polyreward.models.runtime.session import resolve_device
 from polyreward.service.batcher import Batcher
 from polyreward.service.errors import NotReady, UnknownModel
 from polyreward.service.metrics import Metrics
+from polyreward.service.profiles import Profiles
 from polyreward.service.settings import Settings
 
 log = logging.getLogger("polyreward.service")
@@ -41,8 +42,8 @@ class Model:
 
 
 class Registry:
-    def __init__(self, settings: Settings, metrics: Metrics):
-        self.settings, self.metrics = settings, metrics
+    def __init__(self, settings: Settings, metrics: Metrics, profiles: Profiles | None = None):
+        self.settings, self.metrics, self.profiles = settings, metrics, profiles or Profiles()
         self.state: State = "loading"
         self.error: str | None = None
         self.on_failure: Callable[[str], None] | None = None
@@ -84,6 +85,7 @@ class Registry:
             max_batch_items=s.max_batch_items, threads=run.threads, spin=run.spin,
         )  # fmt: skip
         name = scorer.manifest.name
+        self.profiles.check(scorer.manifest)
         if name in self._models:
             raise PolyrewardError(
                 f"{path}: another artifact is also named {name!r}; models need distinct names"

@@ -14,7 +14,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from polyreward.models.runtime.items import TextItem
 from polyreward.service import serving
 from polyreward.service.errors import SCORING, NotReady, Unauthorized, responses
-from polyreward.service.postprocess import Recipe
 from polyreward.service.registry import Registry
 from polyreward.service.schemas import (
     CompareRequest,
@@ -48,34 +47,43 @@ scoring = APIRouter(dependencies=[Depends(authorize)], responses=responses(*SCOR
 
 @scoring.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True)
 async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
-    """Vector rewards for each item: per-objective rewards, gating weights and the gated score."""
+    """Vector rewards for each item under a reward recipe (README, "Reward semantics")."""
     model = registry(request).pick(body.model)
-    recipe = Recipe.build(model.scorer.manifest, body.weights, body.normalize)
-    results = await serving.scored(request, model, body.items, body.truncation)
-    return serving.score_response(model, results, recipe, body.return_)
+    profile, recipe = serving.recipe_for(request, model, body)
+    rows = await serving.score_items(request, model, body, recipe)
+    return serving.score_response(model, profile, recipe, rows)
 
 
-@scoring.post("/v1/compare", response_model=CompareResponse)
+@scoring.post("/v1/compare", response_model=CompareResponse, response_model_exclude_none=True)
 async def compare(body: CompareRequest, request: Request) -> CompareResponse:
     """P(chosen ≻ rejected) for each pair, overall and per objective."""
     model = registry(request).pick(body.model)
+    profile, recipe = serving.recipe_for(request, model, body)
+    serving.compare_extras(recipe, body.uncertainty)
     items = [it for pair in body.pairs for it in pair.items()]
     results = await serving.scored(request, model, items, body.truncation, serving.at_pair_side)
-    return serving.compare_response(model, results)
+    return serving.compare_response(model, profile, recipe, items, results, body.uncertainty)
 
 
 @scoring.post("/get_reward", response_model=RewardResponse)
 async def get_reward(body: RewardRequest, request: Request) -> RewardResponse:
-    """OpenRLHF's remote reward protocol: `query` holds whole templated conversations."""
+    """OpenRLHF's remote reward protocol: `query` holds whole templated conversations; the server's default
+    profile makes the reward."""
     model = registry(request).pick(None)
-    results = await serving.scored(request, model, [TextItem(text=q) for q in body.query])
-    return serving.reward_response(model, results)
+    _, recipe = serving.recipe_for(request, model)
+    items = [TextItem(text=q) for q in body.query]
+    recipe.check([None] * len(items))  # a profile that groups by prompt cannot read templated text
+    return serving.reward_response(recipe, items, await serving.scored(request, model, items))
 
 
 @router.get("/v1/models", dependencies=[Depends(authorize)], responses=responses(Unauthorized))
 async def list_models(request: Request) -> dict:
-    """Loaded models: objectives, backbone, precision, providers, max length, version."""
-    return {"models": [serving.model_info(m) for m in registry(request)]}
+    """Loaded models (objectives, spaces, backbone, precision, providers, max length, version) and the
+    reward profiles."""
+    return {
+        "models": [serving.model_info(m) for m in registry(request)],
+        **request.app.state.profiles.listing(),
+    }
 
 
 @router.get("/health")

@@ -2,46 +2,83 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 from polyreward.models.runtime.errors import field_names
-from polyreward.models.runtime.items import ChatItem, Item, Message
+from polyreward.models.runtime.items import ChatItem, Item, Message, Text
 from polyreward.models.runtime.manifest import Truncation
+from polyreward.service.recipe import Extra, FiniteFloat, RecipeSpec
 
 TRUNCATION = (
     "over-long items: 'left' drops the oldest tokens, 'error' refuses them [default: the model's policy]"
 )
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ScoreRequest(_Strict):
+class RecipeRequest(RecipeSpec):
+    profile: str | None = Field(
+        None, description="a reward profile the server loaded (`/v1/models` lists them); the request's own "
+        "recipe fields override its fields [default: the server's default profile, if any]",
+    )  # fmt: skip
+
+
+class ScoreRequest(RecipeRequest):
     model: str | None = Field(None, description="which loaded model [default: the only / first one]")
     items: list[Item] = Field(min_length=1, description="conversations to score")
-    weights: dict[str, FiniteFloat] | None = Field(
-        None,
-        description="objective -> weight: score = Σ w·rewards instead of the gating (gating is then left out)",
-    )
-    normalize: bool = Field(False, description="z-score rewards with the model's calibration stats")
-    return_: list[Literal["gating", "uncertainty"]] = Field(
+    references: list[Item] | None = Field(
+        None, description="reference responses for transform.reference 'references': an item's reference "
+        "is the mean over the references with the same prompt",
+    )  # fmt: skip
+    return_: list[Extra] = Field(
         default_factory=list,
         alias="return",
-        description="optional outputs besides score, rewards and gating: 'uncertainty' (per-objective standard "
-        "deviation, for heads that carry it); 'gating' is always returned unless `weights` replace it",
+        description="optional outputs: 'uncertainty' (epistemic and predictive σ of each objective and of "
+        "the score), 'intervals' (at `level`), 'group_ranks' / 'group_z' (each objective's mid-rank CDF / "
+        "z-score among the request's items of the same prompt); 'gating' is returned whenever the gating "
+        "aggregates",
     )
+    level: FiniteFloat = Field(0.9, ge=0.01, le=0.99, description="coverage of `intervals`")
     truncation: Truncation | None = Field(None, description=TRUNCATION)
+
+
+class RawValues(BaseModel):
+    score: float = Field(description="the model's own gated score")
+    rewards: list[float] = Field(description="the head outputs")
+
+
+class ScoreUncertainty(BaseModel):
+    epistemic: float | None
+    predictive: float | None
+
+
+class Uncertainty(BaseModel):
+    epistemic: list[float]
+    predictive: list[float]
+    score: ScoreUncertainty
+
+
+class Intervals(BaseModel):
+    level: float
+    rewards: list[tuple[float, float]]
+    score: tuple[float, float] | None
 
 
 class ItemResult(BaseModel):
     score: float
-    rewards: list[float]
+    rewards: list[float] = Field(description="the objectives in the response's space")
+    raw: RawValues
     gating: list[float] | None = None
-    uncertainty: list[float] | None = None
+    transformed: list[float] | None = Field(None, description="log σ(x − ref) per objective")
+    slack: dict[str, float] | None = Field(None, description="x − min per constrained objective")
+    uncertainty: Uncertainty | None = None
+    intervals: Intervals | None = None
+    group_ranks: list[float] | None = None
+    group_z: list[float] | None = None
     tokens: int
     truncated: bool
 
@@ -54,13 +91,16 @@ class Usage(BaseModel):
 class ScoreResponse(BaseModel):
     model: str
     objectives: list[str]
+    space: str
+    profile: str | None = None
+    recipe: dict = Field(description="the recipe that was applied: the profile and the request's overrides")
     results: list[ItemResult]
     usage: Usage
 
 
 class _Pair(_Strict):
-    chosen: str
-    rejected: str
+    chosen: Text
+    rejected: Text
 
     def context(self) -> list[Message]:
         raise NotImplementedError
@@ -73,7 +113,7 @@ class _Pair(_Strict):
 
 
 class PromptPair(_Pair):
-    prompt: str
+    prompt: Text
 
     def context(self) -> list[Message]:
         return [Message(role="user", content=self.prompt)]
@@ -105,19 +145,26 @@ Pair = Annotated[
 ]
 
 
-class CompareRequest(_Strict):
+class CompareRequest(RecipeRequest):
     model: str | None = None
     pairs: list[Pair] = Field(min_length=1)
+    uncertainty: bool = Field(
+        False, description="account for the margin's epistemic σ: p = σ(m / √(1 + π σ² / 8)) (probit)"
+    )
     truncation: Truncation | None = Field(None, description=TRUNCATION)
 
 
 class PairResult(BaseModel):
-    p_chosen: float = Field(description="P(chosen ≻ rejected) = sigmoid(score margin)")
-    objectives: dict[str, float] = Field(description="per objective: sigmoid(reward margin)")
+    p_chosen: float = Field(description="P(chosen ≻ rejected) = σ(score margin), or its probit form")
+    margin: float = Field(description="score(chosen) − score(rejected) under the recipe")
+    margin_std: float | None = Field(None, description="√(σ_c² + σ_r²), epistemic (with `uncertainty`)")
+    objectives: dict[str, float] = Field(description="per objective: σ(x_chosen − x_rejected)")
 
 
 class CompareResponse(BaseModel):
     model: str
+    space: str
+    profile: str | None = None
     results: list[PairResult]
 
 
@@ -125,17 +172,19 @@ class RewardRequest(BaseModel):
     """OpenRLHF's remote reward protocol: `query` holds whole templated conversations."""
 
     model_config = ConfigDict(extra="allow")  # OpenRLHF may add fields; only these are read
-    query: list[Annotated[str, Field(min_length=1)]] = Field(
+    query: list[Annotated[Text, Field(min_length=1)]] = Field(
         min_length=1, description="whole conversations, already rendered with the model's chat template"
     )
-    prompts: list[str] | None = None
+    prompts: list[Text] | None = None
     labels: list | None = None
 
 
 class RewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
-    extra_logs: dict[str, list[float]]
+    extra_logs: dict[str, list[float]] = Field(
+        description="each objective in the profile's space, and model_score (the model's own gated score)"
+    )
 
 
 # Every field name a request body can hold, for "did you mean" suggestions.

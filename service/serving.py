@@ -6,8 +6,10 @@ Handlers (`polyreward.service.routes`) call these and nothing else; engines neve
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from fastapi import Request
 
 from polyreward.models.runtime.builder import InputRejected
@@ -15,13 +17,16 @@ from polyreward.models.runtime.items import Item
 from polyreward.models.runtime.manifest import Truncation
 from polyreward.models.runtime.scorer import ScoreResult
 from polyreward.service.errors import ClientGone, TooManyItems, from_rejection
-from polyreward.service.postprocess import Recipe, named, pair_probabilities
+from polyreward.service.postprocess import Recipe, margin_probability, prompt_key, sigmoid
+from polyreward.service.recipe import RecipeError, merge
 from polyreward.service.registry import Model
 from polyreward.service.schemas import (
     CompareResponse,
     ItemResult,
     PairResult,
+    RecipeRequest,
     RewardResponse,
+    ScoreRequest,
     ScoreResponse,
     Usage,
 )
@@ -74,41 +79,94 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def score_response(
-    model: Model, results: list[ScoreResult], recipe: Recipe, extras: Sequence[str]
-) -> ScoreResponse:
+def recipe_for(
+    request: Request, model: Model, body: RecipeRequest | None = None
+) -> tuple[str | None, Recipe]:
+    """A request's recipe: its profile (or the server's default) with the request's own fields on top; without
+    a body (`/get_reward`), the default profile."""
+    name, base = request.app.state.profiles.spec(body.profile if body else None)
+    return name, Recipe.build(model.scorer.manifest, merge(base, body) if body else base)
+
+
+async def score_items(request: Request, model: Model, body: ScoreRequest, recipe: Recipe) -> list[dict]:
+    """Score a /v1/score request's items (and references) and apply its recipe."""
+    refs = body.references or []
+    if refs and not recipe.needs_references:
+        raise RecipeError("references: only transform.reference 'references' reads them", "unused_references")
+    groups = [prompt_key(it) for it in body.items]
+    recipe.check(groups, {prompt_key(it) for it in refs}, body.return_, body.level)  # before scoring
+    n = len(body.items)
+    where = lambda i: at_item(i) if i < n else f"references[{i - n}]"  # noqa: E731
+    results = await scored(request, model, [*body.items, *refs], body.truncation, where)
+    by_prompt: dict = defaultdict(list)
+    for item, r in zip(refs, results[n:], strict=True):
+        by_prompt[prompt_key(item)].append(r)
+    rows = recipe.apply(results[:n], groups, by_prompt, body.return_, body.level)
+    return [
+        {**row, "tokens": r.tokens, "truncated": r.truncated}
+        for row, r in zip(rows, results[:n], strict=True)
+    ]
+
+
+def score_response(model: Model, profile: str | None, recipe: Recipe, rows: list[dict]) -> ScoreResponse:
+    usage = Usage(items=len(rows), tokens=sum(r["tokens"] for r in rows))
+    return ScoreResponse(
+        model=model.name, objectives=model.scorer.objectives, space=recipe.space, profile=profile,
+        recipe=recipe.spec.model_dump(exclude_none=True), results=[ItemResult(**r) for r in rows], usage=usage,
+    )  # fmt: skip
+
+
+def compare_extras(recipe: Recipe, uncertainty: bool) -> list[str]:
+    """What /v1/compare asks of the recipe; checked before anything is scored."""
+    if uncertainty and not recipe.has_uncertainty:
+        raise RecipeError("uncertainty: this model's heads carry no uncertainty output", "no_uncertainty")
+    return ["uncertainty"] if uncertainty else []
+
+
+def compare_response(
+    model: Model,
+    profile: str | None,
+    recipe: Recipe,
+    items: list,
+    results: list[ScoreResult],
+    uncertainty: bool,
+) -> CompareResponse:
+    """Per pair: P(chosen ≻ rejected) from the recipe's score margin (probit-adjusted by its epistemic σ with
+    `uncertainty`), and per objective σ(x_c − x_r)."""
+    extras = compare_extras(recipe, uncertainty)
+    rows = recipe.apply(results, [prompt_key(it) for it in items], extras=extras)
     out = []
-    for r in results:
-        score, rewards = recipe.apply(r)
-        out.append(
-            ItemResult(
-                score=score,
-                rewards=rewards,
-                gating=None if recipe.replaces_gating else r.gating,
-                uncertainty=r.uncertainty if "uncertainty" in extras else None,
-                tokens=r.tokens,
-                truncated=r.truncated,
+    for chosen, rejected in zip(rows[0::2], rows[1::2], strict=True):
+        margin = chosen["score"] - rejected["score"]
+        std = None
+        if uncertainty:
+            sigmas = [side["uncertainty"]["score"]["epistemic"] for side in (chosen, rejected)]
+            std = None if None in sigmas else float(np.hypot(*sigmas))
+        per = dict(
+            zip(
+                recipe.names,
+                sigmoid(np.subtract(chosen["rewards"], rejected["rewards"])).tolist(),
+                strict=True,
             )
         )
-    usage = Usage(items=len(results), tokens=sum(r.tokens for r in results))
-    return ScoreResponse(model=model.name, objectives=model.scorer.objectives, results=out, usage=usage)
+        out.append(
+            PairResult(
+                p_chosen=margin_probability(margin, (std or 0.0) ** 2),
+                margin=margin,
+                margin_std=std,
+                objectives=per,
+            )
+        )
+    return CompareResponse(model=model.name, space=recipe.space, profile=profile, results=out)
 
 
-def compare_response(model: Model, results: list[ScoreResult]) -> CompareResponse:
-    names = model.scorer.objectives
-    out = []
-    for chosen, rejected in zip(results[0::2], results[1::2], strict=True):
-        p, per = pair_probabilities(chosen, rejected, names)
-        out.append(PairResult(p_chosen=p, objectives=per))
-    return CompareResponse(model=model.name, results=out)
-
-
-def reward_response(model: Model, results: list[ScoreResult]) -> RewardResponse:
-    scores = [r.score for r in results]
-    columns = zip(*(r.rewards for r in results), strict=True)
-    return RewardResponse(
-        rewards=scores, scores=scores, extra_logs=named(model.scorer.objectives, [list(c) for c in columns])
-    )
+def reward_response(recipe: Recipe, items: list, results: list[ScoreResult]) -> RewardResponse:
+    """OpenRLHF's answer: the default profile's score, each objective and the model's own score as extra_logs."""
+    rows = recipe.apply(results, [prompt_key(it) for it in items])
+    scores = [row["score"] for row in rows]
+    logs = {n: [row["rewards"][k] for row in rows] for k, n in enumerate(recipe.names)}
+    logs["model_score"] = [r.score for r in results]
+    return RewardResponse(rewards=scores, scores=scores, extra_logs=logs)
 
 
 def model_info(model: Model) -> dict:
@@ -122,4 +180,7 @@ def model_info(model: Model) -> dict:
         "precision": model.scorer.precision,
         "providers": model.scorer.providers,
         "max_length": m.input.max_length,
+        "spaces": ["debiased", "raw"] if m.transform is not None else ["raw"],
+        "uncertainty": "uncertainty" in model.scorer.output_names,
+        "intervals": sorted(n for n, u in (m.uncertainty or {}).items() if u.conformal),
     }

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     spin: bool | None = Field(
         None, description="ONNX Runtime threads spin while idle [off with 2+ CPU workers]"
     )
+    profiles: Path | None = Field(
+        None, description="reward profiles file (YAML): named recipes and the default one (README, profiles)"
+    )
     max_wait_ms: float = Field(2.0, ge=0)
     max_queue_items: int = Field(4096, ge=1)
     max_items_per_request: int = Field(256, ge=1)

@@ -1,7 +1,8 @@
 """Evaluate an exported artifact with its ONNX graph (not torch): the numbers users will get when serving it.
 
-Pairwise accuracy overall, per dataset and per subset; per-objective Pearson / Spearman / MSE on rated
-responses; best-of-N accuracy; calibration of P(chosen ≻ rejected) = sigmoid(score margin) as ECE; length
+Pairwise accuracy overall, per dataset and per subset; per-objective Pearson / Spearman / MSE and 90 % interval
+coverage on rated responses; best-of-N accuracy; calibration of P(chosen ≻ rejected) = sigmoid(score margin)
+as ECE, and of its probit form with the margin's epistemic σ (README, "Uncertainty"); length
 bias (Spearman of score with response length); mean gating weights per subset; mean uncertainty. Writes
 `report.json` and PNG plots next to the artifact.
 """
@@ -18,11 +19,13 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 from polyreward.models.runtime.scorer import Scorer, ScoreResult
+from polyreward.service.postprocess import Recipe
 from polyreward.training.data.examples import Examples
 
 log = logging.getLogger("polyreward.eval")
 
 ECE_BINS = 10
+COVERAGE_LEVEL = 0.9
 
 
 def _subset(dataset: str, subset: str | None) -> str:
@@ -73,6 +76,7 @@ def evaluate(
     if not items:
         raise ValueError("nothing to evaluate: no rated responses, pairs or best-of-N sets in the data")
     results = scorer.score(items, progress=progress)
+    sigma = _score_sigma(scorer, results)
     n_r, n_p = len(examples.ratings), 2 * len(examples.pairs)
     rated, paired, bon = results[:n_r], results[n_r : n_r + n_p], results[n_r + n_p :]
 
@@ -82,8 +86,8 @@ def evaluate(
         "precision": precision,
         "objectives": names,
     }
-    report.update(_pairs_report(examples, paired, names))
-    report["ratings"] = _ratings_report(examples, rated, names, scales or {})
+    report.update(_pairs_report(examples, paired, names, None if sigma is None else sigma[n_r : n_r + n_p]))
+    report["ratings"] = _ratings_report(examples, rated, names, scales or {}, scorer)
     report["bon"] = _bon_report(examples, bon)
     responses = [it.as_messages()[-1].content for it in items]  # type: ignore[index]
     lengths = np.array([len(r.split()) for r in responses])
@@ -114,7 +118,15 @@ def _json_safe(obj):
     return obj
 
 
-def _pairs_report(examples: Examples, paired: list[ScoreResult], names: list[str]) -> dict:
+def _score_sigma(scorer: Scorer, results: list[ScoreResult]) -> np.ndarray | None:
+    """Each item's epistemic σ of the gated score (README, "Uncertainty"), where the artifact has it."""
+    if not results or results[0].uncertainty is None or scorer.manifest.transform is None:
+        return None
+    rows = Recipe.build(scorer.manifest).apply(results, extras=["uncertainty"])
+    return np.array([r["uncertainty"]["score"]["epistemic"] for r in rows])
+
+
+def _pairs_report(examples: Examples, paired: list[ScoreResult], names: list[str], sigma) -> dict:
     if not examples.pairs:
         return {"accuracy": None, "subsets": {}, "n": 0}
     chosen, rejected = paired[0::2], paired[1::2]
@@ -130,6 +142,11 @@ def _pairs_report(examples: Examples, paired: list[ScoreResult], names: list[str
             if p.subset:
                 groups[_subset(p.dataset, p.subset)].append(i)
     ece, table = _ece(margin[strict])
+    calibration: dict = {"ece": ece, "bins": table}
+    if sigma is not None:  # the probit form: E[σ(m)] for m ~ N(margin, σ_c² + σ_r²)
+        variance = sigma[0::2] ** 2 + sigma[1::2] ** 2
+        probit = margin / np.sqrt(1 + np.pi * variance / 8)
+        calibration["ece_with_uncertainty"] = _ece(probit[strict])[0]
     per_objective: dict[str, dict] = {}
     for k, name in enumerate(names):
         label = name.removesuffix("-pairs")  # a pair-fitted head beside a rated one (see training.pipeline)
@@ -148,23 +165,33 @@ def _pairs_report(examples: Examples, paired: list[ScoreResult], names: list[str
         "n": int(strict.sum()),
         "ties_skipped": int((~strict).sum()),
         "pairs_by_objective": per_objective,
-        "calibration": {"ece": ece, "bins": table},
+        "calibration": calibration,
         "gating_by_dataset": {
             d: dict(zip(names, np.mean(g, 0).tolist(), strict=True)) for d, g in sorted(gates.items())
         },
     }
 
 
-def _ratings_report(examples: Examples, rated: list[ScoreResult], names: list[str], scales) -> dict:
+def _ratings_report(examples: Examples, rated: list[ScoreResult], names: list[str], scales, scorer) -> dict:
+    """Per objective: correlation and MSE with the held-out ratings, and the share of them inside the 90 %
+    intervals (split-conformal where the artifact has multipliers)."""
+    intervals = None
+    if rated and rated[0].uncertainty is not None:
+        rows = Recipe.build(scorer.manifest, space="raw").apply(
+            rated, extras=["intervals"], level=COVERAGE_LEVEL
+        )
+        intervals = [r["intervals"]["rewards"] for r in rows]
     out = {}
     for k, name in enumerate(names):
-        labels, preds = [], []
-        for e, r in zip(examples.ratings, rated, strict=True):
+        labels, preds, inside = [], [], []
+        for i, (e, r) in enumerate(zip(examples.ratings, rated, strict=True)):
             y = e.rating(name)
             if not math.isnan(y):
                 lo, hi = scales.get((e.dataset, name), (0.0, 1.0))
                 labels.append((y - lo) / (hi - lo))
                 preds.append(r.rewards[k])
+                if intervals is not None:
+                    inside.append(intervals[i][k][0] <= labels[-1] <= intervals[i][k][1])
         if labels:
             y, p = np.array(labels), np.array(preds)
             out[name] = {
@@ -173,6 +200,8 @@ def _ratings_report(examples: Examples, rated: list[ScoreResult], names: list[st
                 "spearman": _corr(spearmanr, p, y),
                 "mse": float(np.mean((p - y) ** 2)),
             }
+            if inside:
+                out[name][f"coverage_{COVERAGE_LEVEL}"] = float(np.mean(inside))
     return out
 
 

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from support.dockerfile import ROOT, args, env_of, healthcheck_command, stages, values_of
+from support.recipes import debiased
 from support.servers import wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -119,7 +120,7 @@ def test_a_trainers_own_models_and_service_do_not_shadow_polyreward(venv, tmp_pa
         [{"prompt": "What is 2 + 2?", "response": "4."}, {"prompt": "Name a prime.", "response": "Seven."}]
     )
     assert np.allclose(got["score"], [w.score for w in want], atol=1e-4)
-    assert np.allclose(got["objectives"], [[w.rewards[k] for w in want] for k in (0, 1)], atol=1e-4)
+    assert np.allclose(got["objectives"], debiased(offline.manifest, want)[:, :2].T, atol=1e-4)
     assert got["names"] == [f"polyreward_{n}" for n in offline.objectives[:2]]
     shadowed = subprocess.run([python, "-c", "import models"], cwd=trainer, capture_output=True, text=True)
     assert "the trainer's own models package" in shadowed.stderr  # theirs, as it should be

@@ -126,6 +126,8 @@ def test_export_default_builds_the_shipped_model(tmp_path, cli, repo):
     assert manifest["objectives"] == shipped["objectives"] and manifest["name"] == shipped["name"]
     assert manifest["head"]["kind"] == "moe" and manifest["calibration"] == shipped["calibration"]
     assert manifest["graphs"]["fp32"]["outputs"] == ["rewards", "gating", "score", "uncertainty"]
+    for key in ("transform", "debiased_calibration", "uncertainty"):  # the reward spaces and intervals
+        assert manifest[key] == shipped[key] is not None
     rows = [
         json.loads(line)
         for line in cli("score", out, "--input", repo / "examples/items.jsonl").stdout.splitlines()

@@ -9,6 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from support.recipes import debiased
 
 from polyreward.models.runtime.scorer import Scorer
 from polyreward.service.client import AsyncRewardClient, RewardClient, ServiceError, as_trl_reward_funcs
@@ -34,17 +35,15 @@ def as_dicts(items):
 def test_sync_client_matches_offline_and_splits_large_requests(url, offline, mixed_items):
     items = as_dicts(mixed_items[:20])
     with RewardClient(url, api_key="k1", max_items_per_request=6) as rm:  # 4 requests, merged in order
-        out = rm.score(items, return_=["gating", "uncertainty"])
+        out = rm.score(items, return_=["gating"])
         assert rm.models()[0]["objectives"] == out.objectives == offline.objectives
         pairs = rm.compare([{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
     want = offline.score(items)
     assert out.usage.items == 20 and out.usage.tokens == sum(w.tokens for w in want)
     assert np.abs(np.array([r.score for r in out.results]) - [w.score for w in want]).max() <= 1e-4
-    assert np.allclose([r.rewards for r in out.results], [w.rewards for w in want], atol=1e-4)
-    if want[0].uncertainty is None:  # random heads without uncertainty factors
-        assert all(r.uncertainty is None for r in out.results)
-    else:
-        assert np.allclose([r.uncertainty for r in out.results], [w.uncertainty for w in want], atol=1e-4)
+    assert np.allclose([r.rewards for r in out.results], debiased(offline.manifest, want), atol=1e-4)
+    assert np.allclose([r.raw.rewards for r in out.results], [w.rewards for w in want], atol=1e-4)
+    assert want[0].uncertainty is None and all(r.uncertainty is None for r in out.results)  # random heads
     good, bad = offline.score([{"prompt": "2+2?", "response": "4"}, {"prompt": "2+2?", "response": "5"}])
     assert abs(pairs.results[0].p_chosen - 1 / (1 + np.exp(bad.score - good.score))) <= 1e-4
 
@@ -115,11 +114,12 @@ def test_trl_reward_functions(url, offline):
     before = _score_requests(url)
     values = [f(prompts=prompts, completions=completions) for f in funcs]
     assert _score_requests(url) - before == 1  # the second function reused the first one's answer
-    assert np.allclose(values[0], [w.rewards[2] for w in want], atol=1e-4)
-    assert np.allclose(values[1], [w.rewards[0] for w in want], atol=1e-4)
+    x = debiased(offline.manifest, want)  # per-objective functions give the debiased objectives
+    assert np.allclose(values[0], x[:, 2], atol=1e-4)
+    assert np.allclose(values[1], x[:, 0], atol=1e-4)
 
     (weighted,) = as_trl_reward_funcs(url, weights={names[0]: 0.5, names[1]: 2.0}, api_key="k1")
-    expected = [0.5 * w.rewards[0] + 2.0 * w.rewards[1] for w in want]
+    expected = 0.5 * x[:, 0] + 2.0 * x[:, 1]
     assert np.allclose(weighted(prompts=prompts, completions=completions), expected, atol=1e-4)
 
     with pytest.raises(ValueError, match="unknown objectives"):

@@ -85,52 +85,78 @@ def test_weights_must_name_known_objectives_and_be_finite(client, error_of):
     assert r.status_code == 422 and r.json()["error"]["type"] == "no_calibration"
 
 
-def test_gating_is_always_returned_unless_weights_replace_it(client, minilm_artifact):
+def test_gating_comes_back_whenever_it_aggregates(client, minilm_artifact, error_of):
     want = Scorer(minilm_artifact, precision="fp32", device="cpu").score([ITEM])[0]
-    for extras, has_uncertainty in (([], False), (["uncertainty"], True), (["gating", "uncertainty"], True)):
+    for extras in ([], ["gating"]):
         (got,) = client.post("/v1/score", json={"items": [ITEM], "return": extras}).json()["results"]
-        assert np.allclose(got["gating"], want.gating, atol=1e-5)
-        assert ("uncertainty" in got) == (has_uncertainty and want.uncertainty is not None)
+        assert np.allclose(got["gating"], want.gating, atol=1e-5) and "uncertainty" not in got
+    assert want.uncertainty is None  # random heads: asking for uncertainty is an error, not a silent omission
+    r = client.post("/v1/score", json={"items": [ITEM], "return": ["uncertainty"]})
+    assert error_of(r, 422) == "return: this model's heads carry no uncertainty output"
     weighted = client.post("/v1/score", json={"items": [ITEM], "weights": {"objective1": 1.0}}).json()
     assert "gating" not in weighted["results"][0]
 
 
 def test_every_number_is_its_documented_formula(default_client, default_artifact):
-    """normalize: (r - mean) / std with the manifest's calibration; weights: Σ w·r; compare: σ(margin);
-    get_reward: the gated score, and each objective's reward in extra_logs."""
+    """Debiased objectives r @ T; normalize: (x − mean) / std with the space's stats; weights: Σ w·x in the
+    debiased or the raw space; uncertainty: √(Σ_k β_k² σ_k²); compare: σ(margin) and its probit form;
+    get_reward: the gated score, and each debiased objective in extra_logs."""
     manifest = load_manifest(default_artifact)
     names = manifest.objective_names
-    mean = np.array([manifest.calibration[n].mean for n in names])
-    std = np.array([manifest.calibration[n].std for n in names])
+    t = np.array(manifest.transform)
+    mean = np.array([manifest.debiased_calibration[n].mean for n in names])
+    std = np.array([manifest.debiased_calibration[n].std for n in names])
+    residual = np.array([manifest.uncertainty[n].residual_variance for n in names])
     good, bad = ITEM, {"prompt": ITEM["prompt"], "response": "5."}
     raw = Scorer(default_artifact, precision="fp32", device="cpu").score([good, bad])
     weights = {names[0]: 0.5, names[-1]: -2.0}
     w = np.array([weights.get(n, 0.0) for n in names])
 
-    body = default_client.post("/v1/score", json={"items": [good, bad], "normalize": True}).json()
+    body = default_client.post(
+        "/v1/score", json={"items": [good, bad], "normalize": True, "return": ["uncertainty"]}
+    ).json()
+    assert body["space"] == "debiased" and body["recipe"] == {"normalize": True}
     for got, r in zip(body["results"], raw, strict=True):
-        assert np.allclose(got["rewards"], (np.array(r.rewards) - mean) / std, atol=1e-5)
+        assert np.allclose(got["rewards"], (np.array(r.rewards) @ t - mean) / std, atol=1e-4)
+        assert got["raw"]["rewards"] == pytest.approx(r.rewards, abs=1e-5)
         assert got["score"] == pytest.approx(r.score, abs=1e-5)  # normalize alone leaves the gated score
-    for normalize in (False, True):
+        sigma = np.array(r.uncertainty)
+        assert got["uncertainty"]["epistemic"] == pytest.approx(
+            np.sqrt((t**2 * sigma[:, None] ** 2).sum(0)) / std, rel=1e-4
+        )
+        beta = t @ np.array(r.gating)
+        predictive = np.sqrt(((beta**2) * (sigma**2 + residual)).sum())
+        assert got["uncertainty"]["score"]["predictive"] == pytest.approx(predictive, rel=1e-4)
+    for space, normalize in (("debiased", False), ("debiased", True), ("raw", False)):
         body = default_client.post(
-            "/v1/score", json={"items": [good], "weights": weights, "normalize": normalize}
+            "/v1/score", json={"items": [good], "weights": weights, "normalize": normalize, "space": space}
         )
         r = np.array(raw[0].rewards)
-        want = ((r - mean) / std if normalize else r) @ w
-        assert body.json()["results"][0]["score"] == pytest.approx(want, abs=1e-5)
+        x = r if space == "raw" else r @ t
+        want = ((x - mean) / std if normalize else x) @ w
+        assert body.json()["results"][0]["score"] == pytest.approx(want, rel=1e-5, abs=1e-5)
 
     pair = {"prompt": ITEM["prompt"], "chosen": good["response"], "rejected": bad["response"]}
-    (cmp,) = default_client.post("/v1/compare", json={"pairs": [pair]}).json()["results"]
     sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    (cmp,) = default_client.post("/v1/compare", json={"pairs": [pair]}).json()["results"]
     assert cmp["p_chosen"] == pytest.approx(sigmoid(raw[0].score - raw[1].score), abs=1e-5)
+    x0, x1 = np.array(raw[0].rewards) @ t, np.array(raw[1].rewards) @ t
     for k, n in enumerate(names):
-        assert cmp["objectives"][n] == pytest.approx(sigmoid(raw[0].rewards[k] - raw[1].rewards[k]), abs=1e-5)
+        assert cmp["objectives"][n] == pytest.approx(sigmoid(x0[k] - x1[k]), abs=1e-5)
+    (cmp,) = default_client.post("/v1/compare", json={"pairs": [pair], "uncertainty": True}).json()["results"]
+    sigmas = [np.sqrt(((t @ np.array(r.gating)) ** 2 * np.array(r.uncertainty) ** 2).sum()) for r in raw]
+    assert cmp["margin_std"] == pytest.approx(math.hypot(*sigmas), rel=1e-4)
+    m = raw[0].score - raw[1].score
+    assert cmp["p_chosen"] == pytest.approx(
+        sigmoid(m / math.sqrt(1 + math.pi * cmp["margin_std"] ** 2 / 8)), abs=1e-5
+    )
 
     query = "User: What is 2 + 2?\n\nAssistant: 4."
     (text,) = Scorer(default_artifact, precision="fp32", device="cpu").score([{"text": query}])
     reward = default_client.post("/get_reward", json={"query": [query]}).json()
     assert reward["rewards"] == reward["scores"] == pytest.approx([text.score], abs=1e-5)
-    assert [reward["extra_logs"][n][0] for n in names] == pytest.approx(text.rewards, abs=1e-5)
+    assert [reward["extra_logs"][n][0] for n in names] == pytest.approx(np.array(text.rewards) @ t, abs=1e-4)
+    assert reward["extra_logs"]["model_score"] == pytest.approx([text.score], abs=1e-5)
 
 
 def test_models_load_in_the_background(minilm_artifact, in_process, error_of):

@@ -14,6 +14,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from support.recipes import debiased
 
 from polyreward.models.runtime.items import PromptItem
 from polyreward.models.runtime.scorer import Scorer
@@ -32,7 +33,7 @@ ITEM = {"prompt": "What is 2 + 2?", "response": "4."}
 
 def test_every_route(url, minilm_artifact):
     scorer = Scorer(minilm_artifact, precision="fp32", device="cpu")
-    r = httpx.post(f"{url}/v1/score", json={"items": [ITEM], "return": ["uncertainty"]})
+    r = httpx.post(f"{url}/v1/score", json={"items": [ITEM], "return": ["gating"]})
     assert r.status_code == 200
     for header in ("x-request-id", "x-total-time-ms", "x-queue-time-ms", "x-inference-time-ms"):
         assert header in r.headers
@@ -40,12 +41,14 @@ def test_every_route(url, minilm_artifact):
     want = scorer.score([ITEM])[0]
     assert body["objectives"] == scorer.objectives and body["usage"] == {"items": 1, "tokens": want.tokens}
     assert abs(body["results"][0]["score"] - want.score) <= 1e-4
-    assert np.allclose(body["results"][0]["rewards"], want.rewards, atol=1e-4)
+    x = debiased(scorer.manifest, [want])[0]
+    assert np.allclose(body["results"][0]["rewards"], x, atol=1e-4)
+    assert np.allclose(body["results"][0]["raw"]["rewards"], want.rewards, atol=1e-4)
     assert np.allclose(body["results"][0]["gating"], want.gating, atol=1e-4)
 
     weights = dict.fromkeys(scorer.objectives, 0.0) | {scorer.objectives[0]: 2.0}
     weighted = httpx.post(f"{url}/v1/score", json={"items": [ITEM], "weights": weights}).json()["results"][0]
-    assert abs(weighted["score"] - 2 * want.rewards[0]) <= 1e-4 and "gating" not in weighted
+    assert abs(weighted["score"] - 2 * x[0]) <= 1e-4 and "gating" not in weighted
 
     pair = {"prompt": ITEM["prompt"], "chosen": "4.", "rejected": "5."}
     cmp = httpx.post(f"{url}/v1/compare", json={"pairs": [pair]}).json()["results"][0]
@@ -58,7 +61,7 @@ def test_every_route(url, minilm_artifact):
     )  # a templated conversation, as OpenRLHF sends
     reward = httpx.post(f"{url}/get_reward", json={"query": [query], "prompts": ["What is 2 + 2?"]}).json()
     assert set(reward) == {"rewards", "scores", "extra_logs"}
-    assert set(reward["extra_logs"]) == set(scorer.objectives) and len(reward["rewards"]) == 1
+    assert set(reward["extra_logs"]) == {*scorer.objectives, "model_score"} and len(reward["rewards"]) == 1
     assert abs(reward["rewards"][0] - scorer.score([{"text": query}])[0].score) <= 1e-4
 
     models = httpx.get(f"{url}/v1/models").json()["models"]

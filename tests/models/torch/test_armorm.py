@@ -119,11 +119,16 @@ def test_serve_returns_the_reference_vector_rewards(artifact, checkpoint, expect
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
     with serve(artifact) as (url, _):
-        body = {"items": [{"messages": c} for c in CONVERSATIONS], "return": ["gating"]}
+        # the raw space is what ArmoRM's own code returns as `rewards`; the default is the debiased r @ T
+        body = {"items": [{"messages": c} for c in CONVERSATIONS], "return": ["gating"], "space": "raw"}
         results = httpx.post(f"{url}/v1/score", json=body, timeout=60).json()["results"]
-        for got, want in zip(results, expected, strict=True):
+        t = np.array(json.loads((artifact / "manifest.json").read_text())["transform"])
+        default = httpx.post(f"{url}/v1/score", json={"items": body["items"]}, timeout=60).json()["results"]
+        for got, plain, want in zip(results, default, expected, strict=True):
             assert len(got["rewards"]) == len(got["gating"]) == 19
             assert_matches(got, want)
+            assert np.abs(np.array(plain["rewards"]) - want["rewards"].numpy() @ t).max() <= 1e-4
+            assert abs(plain["score"] - float(want["score"])) <= 1e-4
         query = [tok.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS]
         rewards = httpx.post(f"{url}/get_reward", json={"query": query}, timeout=60).json()["rewards"]
         assert np.abs(np.array(rewards) - [float(w["score"]) for w in expected]).max() <= 1e-4

@@ -1,0 +1,78 @@
+"""The reward-recipe vocabulary: what a request or a server profile can ask of a model's outputs.
+
+`polyreward.service.postprocess` applies it (the formulas are in its docstring and the README's "Reward
+semantics"); `polyreward.service.profiles` loads named recipes from a file.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from polyreward.models.runtime.errors import PolyrewardError
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Space = Literal["debiased", "raw"]
+Aggregate = Literal["gating", "sum", "and", "min"]
+Extra = Literal["gating", "uncertainty", "intervals", "group_ranks", "group_z"]
+
+
+class RecipeError(PolyrewardError, ValueError):
+    """A recipe the model cannot apply; the message names the field, `type` says what is wrong."""
+
+    def __init__(self, message: str, type: str):
+        super().__init__(message)
+        self.type = type
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Pessimism(_Strict):
+    kappa: FiniteFloat = Field(ge=0, description="score − κ·σ(score): a lower confidence bound")
+    uncertainty: Literal["epistemic", "predictive"] = Field(
+        "epistemic", description="which σ: the heads' own (epistemic) or with the label noise (predictive)"
+    )
+
+
+class Transform(_Strict):
+    reference: Literal["group", "references"] | dict[str, FiniteFloat] = Field(
+        description="u_k = log σ(x_k − ref_k), ref: 'group' (mean of the other items of the same prompt), "
+        "'references' (the request's reference responses for that prompt) or fixed values per objective"
+    )
+
+
+class Constraints(_Strict):
+    min: dict[str, FiniteFloat] = Field(min_length=1, description="objective -> threshold on its value x")
+    penalty: FiniteFloat = Field(1.0, ge=0, description="score − penalty · Σ max(0, min − x)")
+
+
+class RecipeSpec(_Strict):
+    """What a request or a server profile says about turning outputs into a reward (all optional)."""
+
+    space: Space | None = Field(
+        None, description="'debiased' (rewards @ T, what the gating mixes) or 'raw' (head outputs) "
+        "[default: debiased, raw for artifacts that record no transform]",
+    )  # fmt: skip
+    weights: dict[str, FiniteFloat] | None = Field(
+        None, description="objective -> weight for aggregate sum/and/min (unnamed objectives weigh 0)"
+    )
+    normalize: bool = Field(False, description="z-score each objective with the model's stats for the space")
+    aggregate: Aggregate | None = Field(
+        None, description="gating (the model's own mixture), sum, and (sum of log-sigmoids), min (worst "
+        "objective) [default: sum with weights, else gating]",
+    )  # fmt: skip
+    transform: Transform | None = None
+    pessimism: Pessimism | None = None
+    constraints: Constraints | None = None
+
+
+RECIPE_FIELDS = tuple(RecipeSpec.model_fields)
+
+
+def merge(base: RecipeSpec, override: BaseModel) -> RecipeSpec:
+    """`base` (a profile) with the recipe fields `override` (a request) sets explicitly."""
+    given = {f: getattr(override, f) for f in override.model_fields_set & set(RECIPE_FIELDS)}
+    return base.model_copy(update=given)
