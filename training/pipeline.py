@@ -23,6 +23,7 @@ from polyreward.models.runtime.manifest import CalibrationStat, ObjectiveUncerta
 from polyreward.models.runtime.objectives import Objective
 from polyreward.models.runtime.uncertainty import conformal_multipliers
 from polyreward.models.torch.heads import GatingConfig, HeadsConfig, RewardHeads, load_heads, save_heads
+from polyreward.service.postprocess import prompt_key
 from polyreward.training.config import TrainConfig
 from polyreward.training.data import Examples, PairExample, read_dataset, subsplit
 from polyreward.training.data.examples import scale_label
@@ -33,6 +34,7 @@ from polyreward.training.stage1 import (
     fit_ridge_cv,
     heads_from_fits,
     verbosity_target,
+    with_conformal_scores,
 )
 from polyreward.training.stage2 import PairTensors, debias_transform, spearman, train_gating
 
@@ -177,6 +179,7 @@ class Run:
         if rated:
             x, _ = self.embed([e.item for e in train.ratings])
             val = np.array([subsplit(e.id, s1.validation, "stage1") for e in train.ratings])
+            held_prompts = self._held_prompts([e.item for e in train.ratings], s1.validation)
             for name in rated:
                 y = np.array(
                     [scale_label(e.rating(name), scales.get((e.dataset, name))) for e in train.ratings]
@@ -185,7 +188,7 @@ class Run:
                     {e.dataset for e, v in zip(train.ratings, y, strict=True) if not math.isnan(v)}
                 )
                 fit = fit_ridge_cv(x, y, val, rank=s1.uncertainty_rank)
-                fits.append(fit)
+                fits.append(with_conformal_scores(fit, x, y, held_prompts))
                 objectives.append(
                     Objective(
                         name=name, description=descr.get(name, ""), source="ratings: " + ", ".join(sources),
@@ -207,8 +210,9 @@ class Run:
             items, texts = self.reference_responses()
             x, _ = self.embed(items)
             val = np.array([subsplit(_key(it), s1.validation, "stage1") for it in items])
-            fit = fit_ridge_cv(x, verbosity_target(texts), val, rank=s1.uncertainty_rank)
-            fits.append(fit)
+            y = verbosity_target(texts)
+            fit = fit_ridge_cv(x, y, val, rank=s1.uncertainty_rank)
+            fits.append(with_conformal_scores(fit, x, y, self._held_prompts(items, s1.validation)))
             objectives.append(
                 Objective(
                     name=VERBOSITY, description=descr.get(VERBOSITY, "response length: log(1 + words)"),
@@ -238,6 +242,11 @@ class Run:
             log.info("%-28s %-15s n=%-6d validation %s=%.3f", name, r["kind"], r["n"],
                      "spearman" if "val_spearman" in r else "accuracy", metric)  # fmt: skip
         return report
+
+    @staticmethod
+    def _held_prompts(items: Sequence[Item], fraction: float) -> np.ndarray:
+        """Rows whose prompt falls in a stable `fraction` of prompts: the conformal calibration rows."""
+        return np.array([subsplit(prompt_key(it) or "", fraction, "conformal") for it in items], bool)
 
     def _pair_arrays(self, pairs: list[PairExample], fraction: float, salt: str):
         xc, _ = self.embed([p.items[0] for p in pairs])

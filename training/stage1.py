@@ -35,7 +35,7 @@ class ObjectiveFit:
     scale: float  # multiplier of z'A^-1 z: the label noise variance (ridge) or 1 (Bradley–Terry)
     metrics: dict = field(default_factory=dict)
     residual: float = 0.0  # label noise variance s² the predictive σ adds (ridge; 0 for Bradley–Terry)
-    conformal_scores: np.ndarray | None = None  # |y − ŷ| / σp on validation rows, ŷ fitted without them
+    conformal_scores: np.ndarray | None = None  # |y − ŷ| / σp on held-out rows (`with_conformal_scores`)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return x @ self.weight + self.bias
@@ -98,10 +98,25 @@ def fit_ridge_cv(
         alpha=alpha, scale=noise, metrics=metrics, residual=noise,
     )  # fmt: skip
     if held.sum() >= 3:
-        # Validation metrics and conformal scores are from the model fitted without those rows.
+        # Validation metrics are from the model fitted without those rows (refit on train only).
         w_t = v @ (proj / (s + alpha))
         pred = (x[held] - x[train].mean(0)) @ w_t + y[train].mean()
         metrics["val_spearman"] = float(spearmanr(pred, y[held]).statistic)
+    return fit
+
+
+def with_conformal_scores(fit: ObjectiveFit, x: np.ndarray, y: np.ndarray, held: np.ndarray) -> ObjectiveFit:
+    """Split-conformal scores |y − ŷ| / σp on the labelled `held` rows, ŷ from a ridge with the fit's alpha
+    fitted on the other labelled rows. `held` should hold whole prompts out (a new prompt's responses are
+    what the intervals are for; rows of a prompt seen in training are closer than that)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    rows = ~np.isnan(y)
+    train, held = rows & ~held, rows & held
+    if held.sum() >= 2 and train.sum() >= 2:
+        mu, mean_y = x[train].mean(0), y[train].mean()
+        xc = x[train] - mu
+        w = np.linalg.solve(xc.T @ xc + fit.alpha * np.eye(len(mu)), xc.T @ (y[train] - mean_y))
+        pred = (x[held] - mu) @ w + mean_y
         fit.conformal_scores = np.abs(y[held] - pred) / fit.predictive_std(x[held])
     return fit
 

@@ -84,9 +84,10 @@ class ObjectiveUncertainty(_Strict):
     conformal: list[float] | None = Field(
         None,
         description="split-conformal multipliers q(l) of the predictive σ for the levels l = 0.01 … 0.99: "
-        "the ⌈(n+1)·l⌉-th smallest |y − ŷ| / σ over n validation rows",
+        "the ⌈(n+1)·l⌉-th smallest |y − ŷ| / σ over n calibration rows (prompts held out of the fit that "
+        "predicts them); levels above n/(n+1) get the largest",
     )
-    conformal_n: int | None = Field(None, ge=1, description="validation rows behind `conformal`")
+    conformal_n: int | None = Field(None, ge=1, description="calibration rows behind `conformal`")
 
     @model_validator(mode="after")
     def _levels(self) -> ObjectiveUncertainty:
