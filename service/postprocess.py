@@ -1,7 +1,7 @@
 """Reward recipes: from a model's outputs to the reward a training run optimises. Torch-free (numpy only).
 
-The service (`/v1/score`, `/v1/compare`, `/get_reward`), `polyreward score`, `polyreward rescore`, the Python
-client and the TRL adapter all go through here; the formulas are the README's "Reward semantics". For one
+The service (`/v1/score`, `/v1/compare`, `/get_reward`), `polyreward score` and `polyreward eval` apply
+recipes here, and the Python client and the TRL adapter send them to the service; docs/rewards.md has the formulas with their reasons. For one
 item with raw head outputs r [K], gating g [K], epistemic standard deviations σe [K], the manifest's transform
 T, residual variances s² and calibration stats:
 
@@ -20,7 +20,7 @@ Uncertainty: raw variances are diagonal, Σ = diag(σ²) with σe² (epistemic) 
 are fitted independently, and their label-noise correlation is not modelled. Everything above is linear in r
 except the transform and `min`, which are linearized at the item's value (the delta method: d/dz log σ(z) =
 σ(−z); `min` takes the gradient of the objective that attains it). So with β = A (c ⊙ J), c the aggregate's
-weights and J the transform's derivative (1 without one): Var(x_j) = Σ_k A_kj² σ_k², Var(score) = Σ_k β_k² σ_k².
+weights and J the transform's derivative (1 without one), or β = T g for the gated score itself: Var(x_j) = Σ_k A_kj² σ_k², Var(score) = Σ_k β_k² σ_k².
 References and group means count as fixed. Intervals at level l: x_j ± z_l √(Σ_k A_kj² σ̃_k²), with
 σ̃_k = σp_k q_k(l) / z_l where the head has conformal multipliers q_k, else σp_k (Gaussian); in the raw space
 this is exactly the split-conformal interval r_k ± q_k(l) σp_k. Raw values always come back beside.

@@ -1,7 +1,7 @@
 """The reward-recipe vocabulary: what a request or a server profile can ask of a model's outputs.
 
-`polyreward.service.postprocess` applies it (the formulas are in its docstring and the README's "Reward
-semantics"); `polyreward.service.profiles` loads named recipes from a file.
+`polyreward.service.postprocess` applies it (the formulas are in its docstring and docs/rewards.md);
+`polyreward.service.profiles` loads named recipes from a file.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ scoring = APIRouter(dependencies=[Depends(authorize)], responses=responses(*SCOR
 
 @scoring.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True)
 async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
-    """Vector rewards for each item under a reward recipe (README, "Reward semantics")."""
+    """Vector rewards for each item under a reward recipe (docs/rewards.md)."""
     model = registry(request).pick(body.model)
     profile, recipe = serving.recipe_for(request, model, body)
     rows = await serving.score_items(request, model, body, recipe)
