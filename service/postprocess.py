@@ -219,7 +219,8 @@ class Recipe:
             ref = self._reference(x, members, groups, references or {})
             transformed = _log_sigmoid(x - ref)
             y, jac = transformed, sigmoid(-(x - ref))
-        score, beta = self._aggregate(y, jac, gating, np.array([r.score for r in results], np.float64))
+        aggregate, beta = self._aggregate(y, jac, gating, np.array([r.score for r in results], np.float64))
+        score = aggregate
         sig_e = sig_p = None
         if self.has_uncertainty and results[0].uncertainty is not None:
             sig_e = np.array([r.uncertainty for r in results], np.float64)
@@ -252,7 +253,7 @@ class Recipe:
                     },  # type: ignore[index]
                 }
             if sig_p is not None and "intervals" in extras:
-                row["intervals"] = self._intervals(x[i], score[i], beta[i], sig_p[i], level)
+                row["intervals"] = self._intervals(x[i], aggregate[i], beta[i], sig_p[i], level)
             if members is not None and {"group_ranks", "group_z"} & set(extras):
                 peers = x[members[i]]
                 if "group_ranks" in extras:

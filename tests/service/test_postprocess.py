@@ -110,13 +110,17 @@ def test_transforms_aggregates_constraints_and_groups_match_direct_computation(m
     rows = Recipe.build(manifest, spec).apply(res, groups, refs)
     want = [log_sig(x[i] - mean_ref[g])[0] for i, g in enumerate(groups)]
     assert np.allclose([r["score"] for r in rows], want)
-    # constraints and pessimism on the gated score
+    # constraints and pessimism on the gated score; its interval is around the gated score itself
     spec = RecipeSpec(constraints={"min": {b: 0.5}, "penalty": 3.0}, pessimism={"kappa": 2.0})
-    rows = Recipe.build(manifest, spec).apply(res, extras=["uncertainty"])
+    rows = Recipe.build(manifest, spec).apply(res, extras=["uncertainty", "intervals"])
     for r, row, xi in zip(res, rows, x, strict=True):
         sigma = row["uncertainty"]["score"]["epistemic"]
         assert row["slack"] == pytest.approx({b: xi[5] - 0.5})
         assert row["score"] == pytest.approx(r.score - 2.0 * sigma - 3.0 * max(0.0, 0.5 - xi[5]))
+        z, predictive = normal_quantile(0.9), row["uncertainty"]["score"]["predictive"]
+        assert row["intervals"]["score"] == pytest.approx(
+            [r.score - z * predictive, r.score + z * predictive]
+        )
     # group ranks (mid-rank CDF) and z-scores
     rows = Recipe.build(manifest).apply(res, groups, extras=["group_ranks", "group_z"])
     for i, row in enumerate(rows):
