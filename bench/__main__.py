@@ -8,13 +8,14 @@ service        `polyreward serve` under 1/8/64/256 concurrent single-item client
 rescore        `polyreward rescore` rows/s, local and remote engines
 export-memory  peak RSS of exporting a large decoder
 decoder        Llama-3-8B-shaped fp16 decoder, CUDA EP vs PyTorch eager (a GPU machine)
+trust          interval coverage, margin uncertainty and calibration, best-of-N Goodhart; writes docs/trust.md
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import decoder, export_memory, grpo, load, machine, offline, peer, report, rescore, soak
+from bench import decoder, export_memory, grpo, load, machine, offline, peer, report, rescore, soak, trust
 
 WORKLOADS = {
     "all": report.main,
@@ -27,6 +28,7 @@ WORKLOADS = {
     "soak": soak.main,
     "export-memory": export_memory.main,
     "decoder": decoder.main,
+    "trust": trust.main,
 }
 
 if __name__ == "__main__":
