@@ -123,6 +123,8 @@ class Recipe:
             raise RecipeError(
                 f"weights: aggregate {aggregate!r} needs weights naming the objectives", "needs_weights"
             )
+        if aggregate == "min" and not any((spec.weights or {}).values()):
+            raise RecipeError("weights: aggregate 'min' needs at least one non-zero weight", "needs_weights")
         if aggregate == "and" and spec.transform is None:
             raise RecipeError(
                 "transform: aggregate 'and' is the sum of log-sigmoids and needs transform.reference",
@@ -233,6 +235,8 @@ class Recipe:
             index = [self.names.index(o) for o in spec.constraints.min]
             slack = x[:, index] - np.array(list(spec.constraints.min.values()))
             score = score - spec.constraints.penalty * np.maximum(0.0, -slack).sum(-1)
+        if not np.isfinite(score).all():  # bounded inputs keep this from happening; never answer a non-number
+            raise RecipeError("the recipe's score is not a finite number for these items", "non_finite")
         out = []
         for i, r in enumerate(results):
             row: dict = {"score": float(score[i]), "rewards": x[i].tolist(),

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from polyreward.models.runtime.errors import PolyrewardError
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# Recipe numbers: finite and at most 1e6 in size, so no product of them overflows to a non-finite reward.
+Number = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
+Positive = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1e6)]
 Space = Literal["debiased", "raw"]
 Aggregate = Literal["gating", "sum", "and", "min"]
 Extra = Literal["gating", "uncertainty", "intervals", "group_ranks", "group_z"]
@@ -31,22 +34,22 @@ class _Strict(BaseModel):
 
 
 class Pessimism(_Strict):
-    kappa: FiniteFloat = Field(ge=0, description="score − κ·σ(score): a lower confidence bound")
+    kappa: Positive = Field(description="score − κ·σ(score): a lower confidence bound")
     uncertainty: Literal["epistemic", "predictive"] = Field(
         "epistemic", description="which σ: the heads' own (epistemic) or with the label noise (predictive)"
     )
 
 
 class Transform(_Strict):
-    reference: Literal["group", "references"] | dict[str, FiniteFloat] = Field(
+    reference: Literal["group", "references"] | dict[str, Number] = Field(
         description="u_k = log σ(x_k − ref_k), ref: 'group' (mean of the other items of the same prompt), "
         "'references' (the request's reference responses for that prompt) or fixed values per objective"
     )
 
 
 class Constraints(_Strict):
-    min: dict[str, FiniteFloat] = Field(min_length=1, description="objective -> threshold on its value x")
-    penalty: FiniteFloat = Field(1.0, ge=0, description="score − penalty · Σ max(0, min − x)")
+    min: dict[str, Number] = Field(min_length=1, description="objective -> threshold on its value x")
+    penalty: Positive = Field(1.0, description="score − penalty · Σ max(0, min − x)")
 
 
 class RecipeSpec(_Strict):
@@ -56,7 +59,7 @@ class RecipeSpec(_Strict):
         None, description="'debiased' (rewards @ T, what the gating mixes) or 'raw' (head outputs) "
         "[default: debiased, raw for artifacts that record no transform]",
     )  # fmt: skip
-    weights: dict[str, FiniteFloat] | None = Field(
+    weights: dict[str, Number] | None = Field(
         None, description="objective -> weight for aggregate sum/and/min (unnamed objectives weigh 0)"
     )
     normalize: bool = Field(False, description="z-score each objective with the model's stats for the space")

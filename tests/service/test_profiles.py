@@ -120,6 +120,11 @@ def test_a_profile_that_does_not_fit_the_model_fails_its_load(default_artifact, 
         ({"space": "cooked"}, "space"),
         ({"profile": "nope"}, "profile: 'nope' is not loaded"),
         ({"aggregate": "min"}, "weights: aggregate 'min' needs weights"),
+        (
+            {"aggregate": "min", "weights": {"safety": 0}},
+            "weights: aggregate 'min' needs at least one non-zero",
+        ),
+        ({"weights": {"safety": 1e300}}, "weights.safety: Input should be less than or equal to 1000000"),
         ({"items": [{"prompt": "a\ud800", "response": "b"}]}, "items[0].prompt: not valid Unicode"),
     ],
 )
