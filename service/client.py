@@ -182,6 +182,11 @@ class RewardClient(_Base):
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models")["models"]
 
+    def profiles(self) -> dict:
+        """The server's reward profiles: {"default": name or None, "profiles": {name: recipe}}."""
+        listing = self._request("GET", "/v1/models")
+        return {"default": listing.get("default"), "profiles": listing.get("profiles", {})}
+
 
 class AsyncRewardClient(_Base):
     """Asynchronous client (httpx.AsyncClient); chunks of a large request are sent concurrently."""
@@ -269,7 +274,10 @@ def as_trl_reward_funcs(
     recipe = {
         k: v for k, v in {"profile": profile, "space": space, "weights": weights}.items() if v is not None
     }
-    names = client.score([{"prompt": "ping", "response": "pong"}], profile=profile).objectives
+    models = client.models()  # not a scoring probe: a profile may refuse a lone item (a group transform)
+    names = next((m for m in models if m["name"] == client.model), models[0])["objectives"]
+    if profile is not None and profile not in (known := client.profiles()["profiles"]):
+        raise ValueError(f"unknown profile {profile!r}; the server has {sorted(known)}")
     unknown = sorted(set(objectives or weights or ()) - set(names))
     if unknown:
         raise ValueError(f"unknown objectives {unknown}; the model has {names}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -11,15 +12,27 @@ import numpy as np
 import pytest
 from support.recipes import debiased
 
+from polyreward.models.runtime.items import parse_item
 from polyreward.models.runtime.scorer import Scorer
 from polyreward.service.client import AsyncRewardClient, RewardClient, ServiceError, as_trl_reward_funcs
+from polyreward.service.postprocess import Recipe, prompt_key
+from polyreward.service.recipe import RecipeSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
+GRPO = {
+    "weights": {"objective0": 1.0, "objective1": 1.0},
+    "aggregate": "and",
+    "transform": {"reference": "group"},
+}
+
+
 @pytest.fixture(scope="module")
-def url(minilm_artifact, serve):
-    with serve(minilm_artifact, api_keys='["k1"]') as (u, _):
+def url(minilm_artifact, serve, tmp_path_factory):
+    profiles = tmp_path_factory.mktemp("profiles") / "profiles.yaml"  # no default: only named requests use it
+    profiles.write_text(f"profiles:\n  grpo: {json.dumps(GRPO)}\n")
+    with serve(minilm_artifact, api_keys='["k1"]', profiles=str(profiles)) as (u, _):
         yield u
 
 
@@ -124,6 +137,23 @@ def test_trl_reward_functions(url, offline):
 
     with pytest.raises(ValueError, match="unknown objectives"):
         as_trl_reward_funcs(url, objectives=["nope"], api_key="k1")
+
+
+def test_a_trl_reward_function_from_a_group_profile(url, offline, minilm_artifact):
+    """One function whose reward is the server profile's: a GRPO group's completions go in one request, so the
+    group transform sees the whole group (a direct Recipe computation on the offline scores agrees)."""
+    prompts, completions = ["Name a prime."] * 3, ["7.", "Nine.", "Two is the only even prime."]
+    (reward,) = as_trl_reward_funcs(url, profile="grpo", api_key="k1")
+    assert reward.__name__ == "polyreward_grpo"
+    items = [{"prompt": p, "response": c} for p, c in zip(prompts, completions, strict=True)]
+    want = Recipe.build(offline.manifest, RecipeSpec(**GRPO)).apply(
+        offline.score(items), [prompt_key(parse_item(it)) for it in items]
+    )
+    assert np.allclose(
+        reward(prompts=prompts, completions=completions), [w["score"] for w in want], atol=1e-4
+    )
+    with pytest.raises(ValueError, match="unknown profile 'nope'"):
+        as_trl_reward_funcs(url, profile="nope", api_key="k1")
 
 
 def _score_requests(url: str) -> float:
