@@ -1,4 +1,4 @@
-"""Reward profiles: named recipes in one file that `serve` (and `score`, `rescore`) loads, with a default.
+"""Reward profiles: named recipes in one file that `serve` (and `polyreward score`) loads, with a default.
 
 A profile is a `RecipeSpec` (space, weights, normalize, aggregate, transform, pessimism, constraints) with a
 description; a request names one with `profile`, its own recipe fields override the profile's, and a request
