@@ -24,43 +24,20 @@ from collections import defaultdict
 
 import numpy as np
 
-from bench.trust_goodhart import KAPPAS, NS, PROXY_FRACTION, SUBSETS
+from bench.trust_goodhart import KAPPAS, NS, SUBSETS, fit_heads
 
 OBJECTIVES = ("safety", "helpfulness")
 DATASET = "just_eval_safety"
 
 
-def _heads(training, objective: str, seed: int):
-    """(proxy, gold) ridge fits for one objective, as `trust_goodhart.fit_heads` fits them."""
-    from polyreward.training.data import subsplit
-    from polyreward.training.data.examples import scale_label
-    from polyreward.training.stage1 import fit_ridge_cv
-
-    rows = [e for e in training.examples.ratings if not math.isnan(e.rating(objective))]
-    scales = training.scales()
-    x, _ = training.embed([e.item for e in rows])
-    y = np.array([scale_label(e.rating(objective), scales.get((e.dataset, objective))) for e in rows])
-    val = np.array([subsplit(e.id, training.cfg.stage1.validation, "stage1") for e in rows])
-    train = np.flatnonzero([e.split == "train" for e in rows])
-    proxy_rows = np.sort(
-        np.random.default_rng(seed).choice(train, round(PROXY_FRACTION * len(train)), replace=False)
-    )
-    rank = training.cfg.stage1.uncertainty_rank
-    return fit_ridge_cv(x[proxy_rows], y[proxy_rows], val[proxy_rows], rank=rank), fit_ridge_cv(
-        x, y, val, rank=rank
-    )
-
-
-def _log_sigmoid(z: np.ndarray) -> np.ndarray:
-    return -np.logaddexp(0.0, -z)
-
-
 def picks(x: np.ndarray, sd: np.ndarray) -> dict[str, int]:
     """Each selector's pick among one subset: x, sd [N, 2] (the proxies' z-scores and σ in z units)."""
+    from polyreward.service.postprocess import log_sigmoid
+
     others = (x.sum(0) - x) / max(len(x) - 1, 1)
     out = {"sum": int(np.argmax(x.sum(1)))}
     out |= {f"sum − {k:g}·σe": int(np.argmax(x.sum(1) - k * np.sqrt((sd**2).sum(1)))) for k in KAPPAS}
-    out["AND (log-sigmoid, group)"] = int(np.argmax(_log_sigmoid(x - others).sum(1)))
+    out["AND (log-sigmoid, group)"] = int(np.argmax(log_sigmoid(x - others).sum(1)))
     out["min"] = int(np.argmax(x.min(1)))
     return out
 
@@ -77,7 +54,7 @@ def run(training, pools: list[dict], seed: int = 0) -> dict:
     x_pool, _ = training.embed(items)
     proxy, gold, sd = [], [], []
     for j, objective in enumerate(OBJECTIVES):
-        p_fit, g_fit = _heads(training, objective, seed + j)
+        p_fit, g_fit = fit_heads(training, objective, seed + j)["fits"]
         p, g, s = p_fit.predict(x_pool), g_fit.predict(x_pool), p_fit.epistemic_std(x_pool)
         proxy.append((p - p.mean()) / p.std())
         sd.append(s / p.std())

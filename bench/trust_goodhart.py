@@ -46,7 +46,7 @@ def pools(examples, objectives: list[str]) -> tuple[list[dict], int]:
 
 
 def fit_heads(training, objective: str, seed: int) -> dict:
-    """Proxy and gold ridge heads for one objective, and their predictions for every row rating it."""
+    """Proxy and gold ridge heads for one objective (`fits`), and their predictions for every row rating it."""
     from scipy.stats import spearmanr
 
     from polyreward.training.data import subsplit
@@ -75,6 +75,7 @@ def fit_heads(training, objective: str, seed: int) -> dict:
         return v if math.isfinite(v) else None
 
     return {
+        "fits": (proxy, gold),
         "row": {i: j for j, i in enumerate(index)},
         "proxy": p, "proxy_sd": proxy.epistemic_std(x), "gold": g, "label": y,
         "info": {

@@ -48,7 +48,8 @@ def prompt_key(item: Item) -> str | None:
     return None if messages is None else json.dumps([m.model_dump() for m in messages[:-1]])
 
 
-def _log_sigmoid(z: np.ndarray) -> np.ndarray:
+def log_sigmoid(z: np.ndarray) -> np.ndarray:
+    """log σ(z) without overflow."""
     return -np.logaddexp(0.0, -z)
 
 
@@ -219,7 +220,7 @@ class Recipe:
         y, jac, transformed = x, np.ones_like(x), None
         if spec.transform is not None:
             ref = self._reference(x, members, groups, references or {})
-            transformed = _log_sigmoid(x - ref)
+            transformed = log_sigmoid(x - ref)
             y, jac = transformed, sigmoid(-(x - ref))
         aggregate, beta = self._aggregate(y, jac, gating, np.array([r.score for r in results], np.float64))
         score = aggregate
