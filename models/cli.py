@@ -11,6 +11,7 @@ import logging
 import sys
 from enum import Enum
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -53,6 +54,14 @@ PRECISION_HELP = f"which graph to run ({AUTO_PRECISION_TEXT})"
 DEVICE_HELP = "auto: CUDA when onnxruntime-gpu sees a GPU, else the CPU"
 PrecisionOption = Annotated[PrecisionChoice, typer.Option(help=PRECISION_HELP)]
 DeviceOption = Annotated[DeviceChoice, typer.Option(help=DEVICE_HELP)]
+RulesOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="rule objectives (YAML): format, length, JSON and correctness checks, reasoning-trace stripping; "
+        "their values follow the learned objectives (README, rule objectives; also POLYREWARD_RULES)",
+        show_default=False,
+    ),
+]
 
 
 def _version(value: bool) -> None:

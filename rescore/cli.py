@@ -10,7 +10,14 @@ from typing import Annotated
 
 import typer
 
-from polyreward.models.cli import DeviceChoice, DeviceOption, PrecisionChoice, PrecisionOption, default_is
+from polyreward.models.cli import (
+    DeviceChoice,
+    DeviceOption,
+    PrecisionChoice,
+    PrecisionOption,
+    RulesOption,
+    default_is,
+)
 from polyreward.models.runtime.batching import DEFAULTS_TEXT
 
 
@@ -100,6 +107,7 @@ def rescore(
     ] = None,
     precision: PrecisionOption = PrecisionChoice.auto,
     device: DeviceOption = DeviceChoice.auto,
+    rules: RulesOption = None,
     token_budget: Annotated[
         int | None, typer.Option(help="local and ray: padded tokens per batch" + default_is(DEFAULTS_TEXT))
     ] = None,
@@ -135,10 +143,13 @@ def rescore(
         raise typer.BadParameter(f"the {engine.value} engine needs --artifact", param_hint="--artifact")
     if engine == EngineChoice.remote and url is None:
         raise typer.BadParameter("the remote engine needs --url", param_hint="--url")
+    if rules is not None and engine != EngineChoice.local:
+        where = "the server's (serve --rules)" if engine == EngineChoice.remote else "not applied"
+        raise typer.BadParameter(f"local engine only; {engine.value}: {where}", param_hint="--rules")
     spec = build_spec(inputs, kind and kind.value, map or [], name)
     local = {"precision": precision.value, "device": device.value, "token_budget": token_budget}
     if engine == EngineChoice.local:
-        scorer = LocalEngine(artifact, **local)
+        scorer = LocalEngine(artifact, **local, rules=rules)
     elif engine == EngineChoice.remote:
         scorer = RemoteEngine(url, model=model, api_key=api_key, concurrency=concurrency)  # type: ignore[arg-type]
     else:

@@ -65,18 +65,28 @@ def model_identity(manifest, precision: str) -> dict:
 class LocalEngine(_PerShard):
     """`Scorer` in this process, with its length-sorted batching under a token budget."""
 
-    def __init__(self, artifact, *, precision="auto", device="auto", token_budget: int | None = None):
+    def __init__(
+        self, artifact, *, precision="auto", device="auto", token_budget: int | None = None, rules=None
+    ):  # fmt: skip
+        from polyreward.models.runtime.files import sha256_file
+        from polyreward.models.runtime.rules import RuleSet
         from polyreward.models.runtime.scorer import Scorer
 
         self.scorer = Scorer(artifact, precision=precision, device=device, token_budget=token_budget)
-        self.objectives = self.scorer.objectives
+        self.rules = RuleSet.load(rules)  # rule objectives follow the learned ones (stripped replies scored)
+        self.rules.check(self.scorer.objectives)
+        self.objectives = [*self.scorer.objectives, *self.rules.names]
         self.identity = model_identity(self.scorer.manifest, self.scorer.precision)
+        if rules is not None:
+            self.identity["rules_sha256"] = sha256_file(rules)
 
     def score(self, items: Sequence[Item]) -> list[Scored]:
-        return [Scored(r.score, r.rewards, r.gating) for r in self.scorer.score(items)]
+        self.rules.check_labels(items)
+        results, _, _ = self.rules.score(self.scorer, items)
+        return [Scored(r.score, r.rewards, r.gating) for r in results]
 
     def close(self) -> None:
-        pass
+        self.rules.close()
 
 
 class RemoteEngine(_PerShard):

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from polyreward.models import __version__
+from polyreward.models.runtime.rules import RuleSet
 from polyreward.service.errors import install_handlers
 from polyreward.service.metrics import Metrics
 from polyreward.service.middleware import envelope
@@ -27,8 +28,9 @@ def create_app(artifacts: list[Path] | Sources, settings: Settings | None = None
     """
     settings = settings or Settings()
     metrics = Metrics()
-    profiles = Profiles.load(settings.profiles)  # a bad file stops the server before it opens a port
-    models = Registry(settings, metrics, profiles)
+    # a bad profile or rule file stops the server before it opens a port
+    profiles, rules = Profiles.load(settings.profiles), RuleSet.load(settings.rules)
+    models = Registry(settings, metrics, profiles, rules)
     sources = artifacts if callable(artifacts) else lambda: list(artifacts)
 
     @asynccontextmanager
@@ -36,13 +38,14 @@ def create_app(artifacts: list[Path] | Sources, settings: Settings | None = None
         models.start(sources)
         yield
         models.stop(timeout=settings.request_timeout)
+        rules.close()
 
     app = FastAPIOffline(  # /docs and /redoc from packaged assets: clusters are often air-gapped
         title="polyreward", version=__version__, lifespan=lifespan,
         description="Vector rewards from multi-objective reward models.",
     )  # fmt: skip
     app.state.settings, app.state.metrics, app.state.registry = settings, metrics, models
-    app.state.profiles = profiles
+    app.state.profiles, app.state.rules = profiles, rules
     app.state.api_keys = [k.encode() for k in settings.api_key_list()]
     app.middleware("http")(envelope)
     install_handlers(app)

@@ -21,6 +21,7 @@ from polyreward.models.cli import (
     DeviceOption,
     PrecisionChoice,
     PrecisionOption,
+    RulesOption,
     default_is,
 )
 from polyreward.models.runtime.batching import DEFAULT_MAX_ITEMS, DEFAULTS_TEXT
@@ -61,6 +62,7 @@ def serve(
             help="reward profiles (YAML): named recipes and the default one (also POLYREWARD_PROFILES)"
         ),
     ] = None,
+    rules: RulesOption = None,
     precision: Annotated[
         PrecisionChoice | None, typer.Option(help=PRECISION_HELP + default_is("auto"))
     ] = None,
@@ -93,7 +95,7 @@ def serve(
     from polyreward.service.settings import Settings
 
     flags = {
-        "api_key_file": api_key_file, "profiles": profiles, "precision": precision and precision.value, "device": device and device.value,
+        "api_key_file": api_key_file, "profiles": profiles, "rules": rules, "precision": precision and precision.value, "device": device and device.value,
         "max_queue_items": max_queue_items, "request_timeout": request_timeout, "drain_seconds": drain_seconds,
     }  # fmt: skip
     if config:
@@ -206,6 +208,7 @@ def score(
     profile: Annotated[
         str | None, typer.Option(help="the profile to apply" + default_is("the file's default"))
     ] = None,
+    rules: RulesOption = None,
     space: Annotated[
         SpaceChoice | None, typer.Option(help="objectives as debiased (rewards @ T) or raw head outputs")
     ] = None,
@@ -223,6 +226,7 @@ def score(
     objective by name. Items of the same prompt in the file form a group (transform.reference 'group')."""
     from polyreward.models.runtime.builder import InputRejected
     from polyreward.models.runtime.items import InvalidItem, read_items_jsonl
+    from polyreward.models.runtime.rules import MissingLabel, RuleSet
     from polyreward.models.runtime.scorer import Scorer
     from polyreward.service.postprocess import Recipe, named, prompt_key
     from polyreward.service.profiles import Profiles
@@ -237,24 +241,36 @@ def score(
         "space": space and space.value, "weights": weights_option(weights), "normalize": normalize,
         "pessimism": None if pessimism is None else Pessimism(kappa=pessimism),
     }  # fmt: skip
+    checks = RuleSet.load(rules)
+    checks.check(scorer.objectives)
     _, base = Profiles.load(profiles).spec(profile)
     recipe = Recipe.build(
-        scorer.manifest, merge(base, RecipeSpec(**{k: v for k, v in given.items() if v is not None}))
-    )
-    names = scorer.objectives
+        scorer.manifest, merge(base, RecipeSpec(**{k: v for k, v in given.items() if v is not None})),
+        checks.names,
+    )  # fmt: skip
+    names = recipe.names
     try:
-        results = scorer.score(items, progress=sys.stderr.isatty())
+        checks.check_labels(items)
+        results, removed, evaluation = checks.score(scorer, items, progress=sys.stderr.isatty())
     except InputRejected as e:
         raise InvalidItem(f"{input}:{lines[e.index]}: {e.reason}") from None
+    except MissingLabel as e:
+        raise InvalidItem(f"{input}:{lines[e.index]}: {e}") from None
+    finally:
+        checks.close()
     wanted = ["uncertainty"] if results and results[0].uncertainty is not None else []
     rows = recipe.apply(results, [prompt_key(it) for it in items], extras=wanted)
-    for extra, r, row in zip(extras, results, rows, strict=True):
+    for extra, r, row, cut, errors in zip(extras, results, rows, removed, evaluation.errors, strict=True):
         out = {**extra, "score": row["score"], "rewards": named(names, row["rewards"])}
         out["raw"] = {"score": r.score, "rewards": named(names, r.rewards)}
         for key in ("gating", "transformed"):
             if key in row:
                 out[key] = named(names, row[key])
         out |= {"tokens": r.tokens, "truncated": r.truncated}
+        if checks.file.strip:
+            out["stripped_chars"] = cut
+        if errors:
+            out["rule_errors"] = errors
         if "slack" in row:
             out["slack"] = row["slack"]
         if "uncertainty" in row:

@@ -45,6 +45,12 @@ class Metrics:
         self.tokens = Counter("polyreward_tokens_scored", "real tokens scored", ["model"], registry=r)
         self.truncations = Counter("polyreward_truncations", "items truncated", ["model"], registry=r)
         self.rejections = Counter("polyreward_rejections", "requests refused", ["reason"], registry=r)
+        self.rule_failures = Counter(
+            "polyreward_rule_failures", "rule checks that did not finish (scored 0)", ["rule"], registry=r
+        )
+        self.unrecognized_queries = Counter(
+            "polyreward_unrecognized_queries", "/get_reward queries in no known chat format", registry=r
+        )
         self.model_info = Gauge(
             "polyreward_model_info",
             "loaded models",

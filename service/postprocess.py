@@ -76,12 +76,15 @@ class Recipe:
     has_uncertainty: bool
 
     @classmethod
-    def build(cls, manifest: Manifest, spec: RecipeSpec | None = None, **fields) -> Recipe:
-        """Check `spec` (or the fields given) against the model: unknown objectives, a transform it lacks,
-        stats it has no record of, uncertainty its heads do not carry → `RecipeError` naming the field."""
+    def build(
+        cls, manifest: Manifest, spec: RecipeSpec | None = None, rules: Sequence[str] = (), **fields
+    ) -> Recipe:
+        """Check `spec` (or the fields given) against the model and the names of the rule objectives that
+        follow its learned ones: unknown objectives, a transform it lacks, stats it has no record of,
+        uncertainty its heads do not carry → `RecipeError` naming the field."""
         spec = RecipeSpec(**fields) if spec is None else spec
-        names = tuple(manifest.objective_names)
-        k = len(names)
+        learned = tuple(manifest.objective_names)
+        names, k = (*learned, *rules), len(learned)
         for field, given in [
             ("weights", spec.weights),
             ("transform.reference", spec.transform and not isinstance(spec.transform.reference, str)
@@ -105,15 +108,19 @@ class Recipe:
         if spec.normalize:
             field = "calibration" if space == "raw" else "debiased_calibration"
             stats = getattr(manifest, field) or {}
-            missing = [n for n in names if n not in stats]
+            missing = [n for n in learned if n not in stats]
             if missing:
                 raise RecipeError(
                     f"normalize: model {manifest.name!r} has no {space} calibration stats for {missing}",
                     "no_calibration",
                 )
-            mean = np.array([stats[n].mean for n in names])
-            std = np.array([stats[n].std or 1.0 for n in names])
+            mean = np.array([stats[n].mean for n in learned])
+            std = np.array([stats[n].std or 1.0 for n in learned])
             a, b = a / std, mean / std
+        # rule objectives: the same value in every space, never normalized, no uncertainty
+        a, b = _with_identity(a, len(rules)), np.concatenate([b, np.zeros(len(rules))])
+        if transform is not None:
+            transform = _with_identity(transform, len(rules))
         aggregate = spec.aggregate or ("sum" if spec.weights is not None else "gating")
         if aggregate == "gating" and spec.weights is not None:
             raise RecipeError(
@@ -318,6 +325,14 @@ class Recipe:
         if ref == "group":
             return np.array([x[[j for j in peers if j != i]].mean(0) for i, peers in enumerate(members)])
         return np.array([self.values(references[g]).mean(0) for g in groups])
+
+
+def _with_identity(a: np.ndarray, r: int) -> np.ndarray:
+    """[[a, 0], [0, I_r]]: the matrix that leaves r appended rule columns as they are."""
+    k = len(a)
+    out = np.eye(k + r)
+    out[:k, :k] = a
+    return out
 
 
 def _vector(names: Sequence[str], given: Mapping[str, float] | None, fill: float) -> np.ndarray:

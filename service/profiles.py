@@ -18,6 +18,7 @@ model: a profile naming an objective a model lacks fails that model's load, nami
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -95,11 +96,12 @@ class Profiles:
         profile = profiles[name]
         return name, RecipeSpec(**profile.model_dump(exclude={"description"}, exclude_unset=True))
 
-    def check(self, manifest: Manifest) -> None:
-        """Build every profile against a model about to be served; the first that cannot apply is an error."""
+    def check(self, manifest: Manifest, rules: Sequence[str] = ()) -> None:
+        """Build every profile against a model about to be served (with the rule objectives that follow its
+        learned ones); the first that cannot apply is an error."""
         for name in self.file.profiles if self.file else ():
             try:
-                Recipe.build(manifest, self.spec(name)[1])
+                Recipe.build(manifest, self.spec(name)[1], rules)
             except RecipeError as e:
                 raise PolyrewardError(
                     f"profiles: {self.source}: profile {name!r} on model {manifest.name!r}: {e}"

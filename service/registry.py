@@ -19,6 +19,7 @@ from typing import Literal
 
 from polyreward.models.runtime.errors import PolyrewardError
 from polyreward.models.runtime.items import PromptItem
+from polyreward.models.runtime.rules import RuleSet
 from polyreward.models.runtime.scorer import Scorer
 from polyreward.models.runtime.session import resolve_device
 from polyreward.service.batcher import Batcher
@@ -42,8 +43,15 @@ class Model:
 
 
 class Registry:
-    def __init__(self, settings: Settings, metrics: Metrics, profiles: Profiles | None = None):
-        self.settings, self.metrics, self.profiles = settings, metrics, profiles or Profiles()
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        profiles: Profiles | None = None,
+        rules: RuleSet | None = None,
+    ):
+        self.settings, self.metrics = settings, metrics
+        self.profiles, self.rules = profiles or Profiles(), rules or RuleSet()
         self.state: State = "loading"
         self.error: str | None = None
         self.on_failure: Callable[[str], None] | None = None
@@ -85,7 +93,8 @@ class Registry:
             max_batch_items=s.max_batch_items, threads=run.threads, spin=run.spin,
         )  # fmt: skip
         name = scorer.manifest.name
-        self.profiles.check(scorer.manifest)
+        self.rules.check(scorer.objectives)
+        self.profiles.check(scorer.manifest, self.rules.names)
         if name in self._models:
             raise PolyrewardError(
                 f"{path}: another artifact is also named {name!r}; models need distinct names"
@@ -96,6 +105,7 @@ class Registry:
         )  # fmt: skip
         batcher.start()
         scorer.score([PromptItem(prompt="warm up", response="ok")])  # the first run allocates; not a user's
+        self.rules.warm()
         log.info(
             "serving %s %s from %s: %s graph on %s, %d objectives, %d worker(s), token budget %d (%.1fs)",
             name, scorer.manifest.version, path, scorer.precision, scorer.providers[0], len(scorer.objectives),

@@ -11,7 +11,6 @@ from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from polyreward.models.runtime.items import TextItem
 from polyreward.service import serving
 from polyreward.service.errors import SCORING, NotReady, Unauthorized, responses
 from polyreward.service.registry import Registry
@@ -61,19 +60,21 @@ async def compare(body: CompareRequest, request: Request) -> CompareResponse:
     profile, recipe = serving.recipe_for(request, model, body)
     serving.compare_extras(recipe, body.uncertainty)
     items = [it for pair in body.pairs for it in pair.items()]
-    results = await serving.scored(request, model, items, body.truncation, serving.at_pair_side)
+    results, _ = await serving.scored_with_rules(request, model, items, body.truncation, serving.at_pair_side)
     return serving.compare_response(model, profile, recipe, items, results, body.uncertainty)
 
 
 @scoring.post("/get_reward", response_model=RewardResponse)
 async def get_reward(body: RewardRequest, request: Request) -> RewardResponse:
-    """OpenRLHF's remote reward protocol: `query` holds whole templated conversations; the server's default
-    profile makes the reward."""
+    """OpenRLHF's remote reward protocol: `query` holds whole conversations in the policy's chat template (Llama
+    3, ChatML, Gemma, Mistral, Human/Assistant are recognised and re-rendered in the reward model's own),
+    `labels` the reference answers of correctness rules; the server's default profile makes the reward."""
     model = registry(request).pick(None)
     _, recipe = serving.recipe_for(request, model)
-    items = [TextItem(text=q) for q in body.query]
-    recipe.check([None] * len(items))  # a profile that groups by prompt cannot read templated text
-    return serving.reward_response(recipe, items, await serving.scored(request, model, items))
+    items = serving.reward_items(request, body)
+    recipe.check([serving.prompt_key(it) for it in items])  # groups: the prompts of recognised queries
+    results, extras = await serving.scored_with_rules(request, model, items, where=serving.at_query)
+    return serving.reward_response(recipe, items, results, extras)
 
 
 @router.get("/v1/models", dependencies=[Depends(authorize)], responses=responses(Unauthorized))
@@ -81,7 +82,7 @@ async def list_models(request: Request) -> dict:
     """Loaded models (objectives, spaces, backbone, precision, providers, max length, version) and the
     reward profiles."""
     return {
-        "models": [serving.model_info(m) for m in registry(request)],
+        "models": [serving.model_info(m, request.app.state.rules) for m in registry(request)],
         **request.app.state.profiles.listing(),
     }
 

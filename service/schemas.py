@@ -79,6 +79,12 @@ class ItemResult(BaseModel):
     intervals: Intervals | None = None
     group_ranks: list[float] | None = None
     group_z: list[float] | None = None
+    stripped_chars: int | None = Field(
+        None, description="characters the rules' `strip` removed from the reply"
+    )
+    rule_errors: dict[str, str] | None = Field(
+        None, description="rule objectives that did not finish (their value is 0) and why"
+    )
     tokens: int
     truncated: bool
 
@@ -101,13 +107,16 @@ class ScoreResponse(BaseModel):
 class _Pair(_Strict):
     chosen: Text
     rejected: Text
+    label: Text | None = Field(
+        None, description="the reference answer of correctness rules, for both replies"
+    )
 
     def context(self) -> list[Message]:
         raise NotImplementedError
 
     def items(self) -> tuple[ChatItem, ChatItem]:
         return tuple(  # type: ignore[return-value]
-            ChatItem(messages=[*self.context(), Message(role="assistant", content=reply)])
+            ChatItem(messages=[*self.context(), Message(role="assistant", content=reply)], label=self.label)
             for reply in (self.chosen, self.rejected)
         )
 
@@ -173,10 +182,13 @@ class RewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # OpenRLHF may add fields; only these are read
     query: list[Annotated[Text, Field(min_length=1)]] = Field(
-        min_length=1, description="whole conversations, already rendered with the model's chat template"
-    )
+        min_length=1, description="whole conversations in the policy's chat template (recognised: Llama 3, "
+        "ChatML, Gemma, Mistral, Human/Assistant, polyreward's plain template)",
+    )  # fmt: skip
     prompts: list[Text] | None = None
-    labels: list | None = None
+    labels: list[Text | int | float | None] | None = Field(
+        None, description="per query, the reference answer of correctness rules"
+    )
 
 
 class RewardResponse(BaseModel):

@@ -13,10 +13,12 @@ import numpy as np
 from fastapi import Request
 
 from polyreward.models.runtime.builder import InputRejected
-from polyreward.models.runtime.items import Item
+from polyreward.models.runtime.items import ChatItem, Item, TextItem
 from polyreward.models.runtime.manifest import Truncation
+from polyreward.models.runtime.rules import MissingLabel, RuleSet, append_rules
 from polyreward.models.runtime.scorer import ScoreResult
-from polyreward.service.errors import ClientGone, TooManyItems, from_rejection
+from polyreward.models.runtime.templates import FORMATS, recognize
+from polyreward.service.errors import ClientGone, InvalidRequest, TooManyItems, from_rejection
 from polyreward.service.postprocess import Recipe, margin_probability, prompt_key, sigmoid
 from polyreward.service.recipe import RecipeError, merge
 from polyreward.service.registry import Model
@@ -25,6 +27,7 @@ from polyreward.service.schemas import (
     ItemResult,
     PairResult,
     RecipeRequest,
+    RewardRequest,
     RewardResponse,
     ScoreRequest,
     ScoreResponse,
@@ -34,6 +37,10 @@ from polyreward.service.schemas import (
 
 def at_item(index: int) -> str:
     return f"items[{index}]"
+
+
+def at_query(index: int) -> str:
+    return f"query[{index}]"
 
 
 def at_pair_side(index: int) -> str:
@@ -83,9 +90,47 @@ def recipe_for(
     request: Request, model: Model, body: RecipeRequest | None = None
 ) -> tuple[str | None, Recipe]:
     """A request's recipe: its profile (or the server's default) with the request's own fields on top; without
-    a body (`/get_reward`), the default profile."""
+    a body (`/get_reward`), the default profile. The server's rule objectives follow the learned ones."""
     name, base = request.app.state.profiles.spec(body.profile if body else None)
-    return name, Recipe.build(model.scorer.manifest, merge(base, body) if body else base)
+    rules = request.app.state.rules.names
+    return name, Recipe.build(model.scorer.manifest, merge(base, body) if body else base, rules)
+
+
+async def scored_with_rules(
+    request: Request,
+    model: Model,
+    items: Sequence[Item],
+    truncation: Truncation | None = None,
+    where: Callable[[int], str] = at_item,
+) -> tuple[list[ScoreResult], list[dict]]:
+    """`scored` with the server's rule objectives: replies stripped before the model reads them, every rule
+    evaluated (off the event loop, beside the model's batches) and appended to the rewards. Also per item
+    what the response reports of the rules: the characters stripped and the rules that could not finish."""
+    rules = request.app.state.rules
+    if not rules:
+        return await scored(request, model, items, truncation, where), [{} for _ in items]
+    try:
+        rules.check_labels(items)
+    except MissingLabel as e:
+        raise InvalidRequest(f"{where(e.index)}.{e}", type="missing_label") from None
+    stripped, removed = await asyncio.to_thread(rules.strip, items)
+    checks = asyncio.ensure_future(
+        asyncio.to_thread(rules.evaluate, items, stripped, model.scorer.builder.count_tokens)
+    )
+    try:
+        results = await scored(request, model, stripped, truncation, where)
+    except BaseException:
+        checks.cancel()
+        raise
+    evaluation = await checks
+    for errors in evaluation.errors:
+        for name in errors:
+            request.app.state.metrics.rule_failures.labels(name).inc()
+    extras = [
+        {"stripped_chars": n if rules.file.strip else None, "rule_errors": errors or None}
+        for n, errors in zip(removed, evaluation.errors, strict=True)
+    ]
+    return append_rules(results, evaluation.values), extras
 
 
 async def score_items(request: Request, model: Model, body: ScoreRequest, recipe: Recipe) -> list[dict]:
@@ -97,21 +142,21 @@ async def score_items(request: Request, model: Model, body: ScoreRequest, recipe
     recipe.check(groups, {prompt_key(it) for it in refs}, body.return_, body.level)  # before scoring
     n = len(body.items)
     where = lambda i: at_item(i) if i < n else f"references[{i - n}]"  # noqa: E731
-    results = await scored(request, model, [*body.items, *refs], body.truncation, where)
+    results, extras = await scored_with_rules(request, model, [*body.items, *refs], body.truncation, where)
     by_prompt: dict = defaultdict(list)
     for item, r in zip(refs, results[n:], strict=True):
         by_prompt[prompt_key(item)].append(r)
     rows = recipe.apply(results[:n], groups, by_prompt, body.return_, body.level)
     return [
-        {**row, "tokens": r.tokens, "truncated": r.truncated}
-        for row, r in zip(rows, results[:n], strict=True)
+        {**row, **extra, "tokens": r.tokens, "truncated": r.truncated}
+        for row, extra, r in zip(rows, extras, results[:n], strict=True)
     ]
 
 
 def score_response(model: Model, profile: str | None, recipe: Recipe, rows: list[dict]) -> ScoreResponse:
     usage = Usage(items=len(rows), tokens=sum(r["tokens"] for r in rows))
     return ScoreResponse(
-        model=model.name, objectives=model.scorer.objectives, space=recipe.space, profile=profile,
+        model=model.name, objectives=list(recipe.names), space=recipe.space, profile=profile,
         recipe=recipe.spec.model_dump(exclude_none=True), results=[ItemResult(**r) for r in rows], usage=usage,
     )  # fmt: skip
 
@@ -160,21 +205,58 @@ def compare_response(
     return CompareResponse(model=model.name, space=recipe.space, profile=profile, results=out)
 
 
-def reward_response(recipe: Recipe, items: list, results: list[ScoreResult]) -> RewardResponse:
-    """OpenRLHF's answer: the default profile's score, each objective and the model's own score as extra_logs."""
+def reward_items(request: Request, body: RewardRequest) -> list[Item]:
+    """/get_reward's queries as items: a query in a chat format `templates.recognize` knows becomes its
+    messages (so the reward model reads them in its own template); any other is scored as text, counted, or
+    refused when the server is set to. `labels` are the items' reference answers."""
+    labels = body.labels or [None] * len(body.query)
+    if len(labels) != len(body.query):
+        raise InvalidRequest(f"labels: {len(labels)} labels for {len(body.query)} queries")
+    refuse = request.app.state.settings.unrecognized_queries == "refuse"
+    items: list[Item] = []
+    for i, (query, label) in enumerate(zip(body.query, labels, strict=True)):
+        label = None if label in (None, "") else str(label)  # OpenRLHF sends "" without --data.label_key
+        found = recognize(query)
+        if found is None:
+            if refuse:
+                raise InvalidRequest(
+                    f"query[{i}]: in no known chat format ({', '.join(FORMATS)}); the server refuses "
+                    "unrecognized queries (unrecognized_queries: refuse)", type="unrecognized_query",
+                )  # fmt: skip
+            request.app.state.metrics.unrecognized_queries.inc()
+            items.append(TextItem(text=query, label=label))
+        else:
+            items.append(ChatItem(messages=found.messages, label=label))
+    try:
+        request.app.state.rules.check_labels(items)
+    except MissingLabel as e:
+        raise InvalidRequest(
+            f"labels[{e.index}]: {e}".replace(": label:", ":"), type="missing_label"
+        ) from None
+    return items
+
+
+def reward_response(
+    recipe: Recipe, items: list, results: list[ScoreResult], extras: list[dict]
+) -> RewardResponse:
+    """OpenRLHF's answer: the default profile's score; each objective (rule objectives included), the model's
+    own score and the characters stripped from each reply as extra_logs."""
     rows = recipe.apply(results, [prompt_key(it) for it in items])
     scores = [row["score"] for row in rows]
     logs = {n: [row["rewards"][k] for row in rows] for k, n in enumerate(recipe.names)}
     logs["model_score"] = [r.score for r in results]
+    if extras and extras[0].get("stripped_chars") is not None:
+        logs["stripped_chars"] = [float(e["stripped_chars"]) for e in extras]
     return RewardResponse(rewards=scores, scores=scores, extra_logs=logs)
 
 
-def model_info(model: Model) -> dict:
+def model_info(model: Model, rules: RuleSet) -> dict:
     m = model.scorer.manifest
     return {
         "name": model.name,
         "version": m.version,
-        "objectives": model.scorer.objectives,
+        "objectives": [*model.scorer.objectives, *rules.names],
+        "kinds": {**dict.fromkeys(model.scorer.objectives, "learned"), **rules.kinds},
         "backbone": m.backbone.model_type,
         "head": m.head.kind,
         "precision": model.scorer.precision,

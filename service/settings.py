@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, JsonConfigSettingsSource, SettingsConfigDict
@@ -41,6 +42,14 @@ class Settings(BaseSettings):
     profiles: Path | None = Field(
         None, description="reward profiles file (YAML): named recipes and the default one (README, profiles)"
     )
+    rules: Path | None = Field(
+        None, description="rule objectives file (YAML): format, length, JSON, correctness checks and trace "
+        "stripping, joined to every model's objectives (README, rule objectives)",
+    )  # fmt: skip
+    unrecognized_queries: Literal["score", "refuse"] = Field(
+        "score", description="/get_reward queries in no known chat format: score the text as it is (counted "
+        "in polyreward_unrecognized_queries_total) or refuse them with 422",
+    )  # fmt: skip
     max_wait_ms: float = Field(2.0, ge=0)
     max_queue_items: int = Field(4096, ge=1)
     max_items_per_request: int = Field(256, ge=1)

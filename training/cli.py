@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from polyreward.models.cli import PrecisionChoice, default_is
+from polyreward.models.cli import PrecisionChoice, RulesOption, default_is
 
 app = typer.Typer(
     help="Train multi-objective reward heads from a YAML config (see configs/default.yaml).",
@@ -132,11 +132,13 @@ def evaluate_command(
     ],
     precision: Annotated[PrecisionChoice, typer.Option(help="the graph to evaluate")] = PrecisionChoice.fp32,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
+    rules: RulesOption = None,
 ) -> None:
     """Evaluate an artifact with its ONNX graph; writes report.json and PNG plots next to it.
 
     Reports pairwise accuracy overall and per subset, per-objective Pearson/Spearman/MSE on rated responses,
-    best-of-N accuracy, calibration (ECE of P(chosen ≻ rejected)), length bias and gating weights by subset.
+    best-of-N accuracy, calibration (ECE of P(chosen ≻ rejected)), length bias and gating weights by subset;
+    with --rules, each rule objective's mean and how often it prefers the chosen reply.
     """
     from polyreward.training.data import read_canonical
     from polyreward.training.data.examples import Examples
@@ -153,9 +155,16 @@ def evaluate_command(
             scales.update(run.scales())
         else:
             examples.extend(read_canonical(path))
-    report = evaluate(
-        artifact, examples, precision=precision.value, scales=scales, progress=sys.stderr.isatty()
-    )
+    from polyreward.models.runtime.rules import RuleSet
+
+    checks = RuleSet.load(rules)
+    try:
+        report = evaluate(
+            artifact, examples, precision=precision.value, scales=scales, progress=sys.stderr.isatty(),
+            rules=checks,
+        )  # fmt: skip
+    finally:
+        checks.close()
     if as_json:
         typer.echo(json.dumps(report))
     else:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
+from polyreward.models.runtime.rules import RuleSet
 from polyreward.models.runtime.scorer import Scorer, ScoreResult
 from polyreward.service.postprocess import Recipe
 from polyreward.training.data.examples import Examples
@@ -65,8 +66,11 @@ def evaluate(
     baselines: dict | None = None,
     progress: bool = True,
     plots: bool = True,
+    rules: RuleSet | None = None,
 ) -> dict:
-    """Score every example's responses with the artifact and compute the report (also written to disk)."""
+    """Score every example's responses with the artifact and compute the report (also written to disk). With
+    `rules`, the heads read the stripped replies and the report gains each rule objective's mean and how often
+    it prefers the chosen side of a pair."""
     artifact = Path(artifact)
     scorer = Scorer(artifact, precision=precision, device="cpu")  # type: ignore[arg-type]
     names = scorer.objectives
@@ -75,7 +79,12 @@ def evaluate(
     items += [it for b in examples.bon for it in b.items]
     if not items:
         raise ValueError("nothing to evaluate: no rated responses, pairs or best-of-N sets in the data")
-    results = scorer.score(items, progress=progress)
+    rules = rules or RuleSet()
+    rules.check(names)
+    rules.check_labels(items)
+    stripped, _ = rules.strip(items)
+    results = scorer.score(stripped, progress=progress)
+    checks = rules.evaluate(items, stripped, scorer.builder.count_tokens)
     sigma = _score_sigma(scorer, results)
     n_r, n_p = len(examples.ratings), 2 * len(examples.pairs)
     rated, paired, bon = results[:n_r], results[n_r : n_r + n_p], results[n_r + n_p :]
@@ -98,6 +107,8 @@ def evaluate(
     if results[0].uncertainty is not None:
         unc = np.array([r.uncertainty for r in results])
         report["uncertainty_mean"] = dict(zip(names, unc.mean(0).tolist(), strict=True))
+    if rules.names:
+        report["rules"] = _rules_report(examples, checks.values, rules, n_r, n_p)
     if baselines:
         report["baselines_from_embeddings"] = baselines
     report = _json_safe(report)
@@ -105,6 +116,25 @@ def evaluate(
     if plots:
         _plots(artifact, report)
     return report
+
+
+def _rules_report(examples: Examples, values: np.ndarray, rules: RuleSet, n_r: int, n_p: int) -> dict:
+    """Per rule: its kind, mean value over every response, and on the strict pairs how often it prefers the
+    chosen reply (chosen > rejected), the rejected one, or neither."""
+    strict = np.array([not p.tie for p in examples.pairs], bool)
+    pairs = values[n_r : n_r + n_p]
+    chosen, rejected = pairs[0::2][strict], pairs[1::2][strict]
+    out = {}
+    for j, (name, kind) in enumerate(rules.kinds.items()):
+        row: dict = {"kind": kind, "mean": float(values[:, j].mean()), "n": len(values)}
+        if len(chosen):
+            row["pairs"] = {
+                "prefers_chosen": float((chosen[:, j] > rejected[:, j]).mean()),
+                "prefers_rejected": float((chosen[:, j] < rejected[:, j]).mean()),
+                "n": len(chosen),
+            }
+        out[name] = row
+    return out
 
 
 def _json_safe(obj):

@@ -150,6 +150,10 @@ class InputBuilder:
                 index, f"the model's chat template refused this conversation: {e}"
             ) from None
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in this model's tokens, without special tokens (length rules)."""
+        return [len(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def build(self, items: Sequence[Item], truncation: Truncation | None = None) -> list[Encoded]:
         """Tokenize a list of items (in one Rust call) and apply truncation; results in input order.
 

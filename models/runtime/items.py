@@ -49,12 +49,27 @@ def _valid_unicode(value: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
+class _Item(_Strict):
+    label: Text | None = Field(
+        None, description="the reference answer that correctness rules compare the response with "
+        "(OpenRLHF's `labels`, verl's ground truth)",
+    )  # fmt: skip
+
+    def reply(self) -> str:
+        """The text rules read: the assistant reply (a text item's whole text)."""
+        raise NotImplementedError
+
+    def with_reply(self, text: str) -> Item:
+        """A copy whose reply is `text` (a text item's whole text), e.g. without its reasoning trace."""
+        raise NotImplementedError
+
+
 class Message(_Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: Text
 
 
-class ChatItem(_Strict):
+class ChatItem(_Item):
     """A chat whose last message is the assistant reply to score."""
 
     messages: list[Message] = Field(
@@ -73,8 +88,15 @@ class ChatItem(_Strict):
     def as_messages(self) -> list[Message] | None:
         return self.messages
 
+    def reply(self) -> str:
+        return self.messages[-1].content
 
-class PromptItem(_Strict):
+    def with_reply(self, text: str) -> ChatItem:
+        reply = self.messages[-1].model_copy(update={"content": text})
+        return self.model_copy(update={"messages": [*self.messages[:-1], reply]})
+
+
+class PromptItem(_Item):
     """A one-turn chat: a user prompt and the assistant reply."""
 
     prompt: Text = Field(description="a user prompt")
@@ -83,14 +105,26 @@ class PromptItem(_Strict):
     def as_messages(self) -> list[Message] | None:
         return [Message(role="user", content=self.prompt), Message(role="assistant", content=self.response)]
 
+    def reply(self) -> str:
+        return self.response
 
-class TextItem(_Strict):
+    def with_reply(self, text: str) -> PromptItem:
+        return self.model_copy(update={"response": text})
+
+
+class TextItem(_Item):
     """A conversation already rendered with the model's chat template."""
 
     text: Text = Field(min_length=1, description="an already-templated conversation (as OpenRLHF sends it)")
 
     def as_messages(self) -> list[Message] | None:
         return None
+
+    def reply(self) -> str:
+        return self.text
+
+    def with_reply(self, text: str) -> TextItem:
+        return self.model_copy(update={"text": text})
 
 
 # The shapes by the fields that make them; union tags are written <...> so error locations can drop them.
@@ -99,7 +133,8 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt", "response"),
     "text": ("text",),
 }
-ITEM_FIELDS = tuple(f for fields in SHAPES.values() for f in fields)
+COMMON_FIELDS = ("label",)  # fields every shape accepts
+ITEM_FIELDS = (*(f for fields in SHAPES.values() for f in fields), *COMMON_FIELDS)
 _ONE_OF = "an item needs one of: messages, prompt+response, text"
 
 
@@ -113,7 +148,7 @@ def _check_shape(value: Any) -> Any:
         return value
     given = _shapes_given(value)
     if len(given) > 1:
-        fields = " and ".join(f for f in ITEM_FIELDS if f in value)
+        fields = " and ".join(f for f in ITEM_FIELDS if f in value and f not in COMMON_FIELDS)
         raise ValueError(f"give either messages, prompt+response or text, not {fields}")
     unknown = sorted(set(value) - set(ITEM_FIELDS))
     if not given:

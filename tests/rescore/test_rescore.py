@@ -264,3 +264,32 @@ def test_unlabelled_responses_and_hh_transcripts(minilm_artifact, tmp_path, cli)
     polite = Scorer(minilm_artifact).score([{"prompt": "Hi 0", "response": "Hello, how can I help?"}])[0]
     assert out[0]["chosen_score"] == pytest.approx(polite.score, abs=1e-5)
     assert summary["pairs"]["n"] == 4 and summary["skipped"] == {"chosen and rejected are the same text": 1}
+
+
+def test_rule_objectives_join_the_rewards(reference, minilm_artifact, tmp_path, cli):
+    """--rules: each side's rewards gain the rule objectives (values as the rules define them), the learned ones
+    unchanged; a resumed run must use the same rule file."""
+    data, rows = reference
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n  short: {kind: length, max: 5, tolerance: 20}\n  digit: {kind: format, pattern: '[0-9]'}\n"
+    )
+    out = tmp_path / "rules-run"
+    cli("rescore", data, "--out", out, "--artifact", minilm_artifact, *PAIRS, "--rules", rules, "--quiet")
+    got = read_output(out).to_pylist()
+    for r, w in zip(got, rows, strict=True):
+        for side, text in (("chosen", r["good"]), ("rejected", r["bad"])):
+            n = len(text.split())
+            assert r[f"{side}_rewards"]["short"] == pytest.approx(max(0.0, 1 - max(0, n - 5) / 20))
+            assert r[f"{side}_rewards"]["digit"] == float(re.search("[0-9]", text) is not None)
+            learned = {k: v for k, v in r[f"{side}_rewards"].items() if k not in ("short", "digit")}
+            assert learned == pytest.approx(w[f"{side}_rewards"], abs=1e-5)
+            assert r[f"{side}_score"] == pytest.approx(
+                w[f"{side}_score"], abs=1e-5
+            )  # the gating ignores rules
+    remote = cli(
+        "rescore", data, "--out", tmp_path / "x", "--url", "http://127.0.0.1:9", "--rules", rules, check=False
+    )
+    assert (
+        remote.returncode != 0 and "local engine only; remote: the server's (serve --rules)" in remote.stderr
+    )

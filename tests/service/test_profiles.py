@@ -77,9 +77,17 @@ def test_profiles_are_listed_chosen_by_name_and_overridden_by_the_request(profil
     override = profiled.post("/v1/score", json={"items": GROUP, "profile": "careful", "pessimism": None})
     assert "pessimism" not in override.json()["recipe"]
 
-    query = ["User: Name a prime number.\n\nAssistant: 7."]
-    # /get_reward uses the default profile: its group transform needs prompts, which templated text lacks
-    r = profiled.post("/get_reward", json={"query": query})
+    # /get_reward uses the default profile: its group transform groups recognised queries by their prompt
+    query = ["User: Name a prime number.\n\nAssistant: 7.", "User: Name a prime number.\n\nAssistant: 9."]
+    r = profiled.post("/get_reward", json={"query": query[:1]})
+    assert r.status_code == 422 and "items[0] is the only item of its prompt" in r.text
+    both = profiled.post("/get_reward", json={"query": query}).json()["rewards"]
+    as_items = [{"prompt": "Name a prime number.", "response": reply} for reply in ("7.", "9.")]
+    assert both == pytest.approx(
+        [row["score"] for row in profiled.post("/v1/score", json={"items": as_items}).json()["results"]],
+        abs=1e-5,
+    )
+    r = profiled.post("/get_reward", json={"query": ["7 is prime.", "9 is not."]})  # no known chat format
     assert r.status_code == 422 and "items[0]: a text item has no prompt to group by" in r.text
 
 

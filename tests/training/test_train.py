@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -187,3 +188,21 @@ def test_eval_command_on_a_canonical_pairs_file(small_run, data_dir, tmp_path, c
     assert report["n"] == 40 and 0 <= report["accuracy"] <= 1
     assert {"pairs/even", "pairs/odd"} <= set(report["subsets"])
     assert report["length_bias"]["n"] == 80
+    assert "rules" not in report
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n  long: {kind: length, min: 150, tolerance: 150}\n  listed: {kind: format, pattern: '(?m)^ *[0-9]+\\. '}\n"
+    )
+    with_rules = json.loads(cli("eval", out / "artifact", "--data", pairs, "--json", "--rules", rules).stdout)
+    assert with_rules["accuracy"] == report["accuracy"]  # nothing to strip: the learned report is unchanged
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    long = lambda text: max(0.0, 1 - max(0, 150 - len(text.split())) / 150)  # noqa: E731
+    got = with_rules["rules"]["long"]
+    assert got["kind"] == "length" and got["pairs"]["n"] == 40
+    assert got["mean"] == pytest.approx(sum(long(r["chosen"]) + long(r["rejected"]) for r in rows) / 80)
+    assert got["pairs"]["prefers_chosen"] == pytest.approx(
+        sum(long(r["chosen"]) > long(r["rejected"]) for r in rows) / 40
+    )
+    listed = [re.search(r"(?m)^ *[0-9]+\. ", r["chosen"]) is not None for r in rows]
+    assert with_rules["rules"]["listed"]["mean"] >= 0 and 0 < sum(listed) < 40
