@@ -265,6 +265,7 @@ def as_trl_reward_funcs(
     *,
     profile: str | None = None,
     space: str | None = None,
+    label_column: str | None = None,
     **client_options,
 ) -> list[Callable[..., list[float]]]:
     """Reward functions for TRL's `GRPOTrainer(reward_funcs=...)`: `f(prompts, completions, **kwargs)`.
@@ -276,6 +277,9 @@ def as_trl_reward_funcs(
     * `profile="name"`: one function, `polyreward_<name>`, the server profile's reward (also the reward of
       the other two forms when given with them: objectives come back in the profile's space);
     * none of these: one function, `polyreward_score`, the server's default profile or the model's own score.
+
+    `label_column`: the dataset column (TRL passes every column to reward functions) that holds each row's
+    reference answer, sent as the items' `label` for the server's correctness rules (`serve --rules`).
 
     The functions of one call share their last answer, so K per-objective functions score a batch once; a
     GRPO batch's completions of one prompt go in one request, so group transforms see the whole group.
@@ -296,8 +300,16 @@ def as_trl_reward_funcs(
         raise ValueError(f"unknown objectives {unknown}; the model has {names}")
     last: dict[str, Any] = {"key": None, "response": None}
 
-    def scored(prompts, completions) -> ScoreResponse:
+    def scored(prompts, completions, columns: dict) -> ScoreResponse:
         items = [trl_item(p, c) for p, c in zip(prompts, completions, strict=True)]
+        if label_column is not None:
+            if label_column not in columns:
+                raise ValueError(f"label_column: the dataset has no column {label_column!r}")
+            labels = columns[label_column]
+            items = [
+                {**it, "label": str(lab)} if lab is not None else it
+                for it, lab in zip(items, labels, strict=True)
+            ]
         key = repr(items)
         if last["key"] != key:
             last["response"], last["key"] = client.score(items, return_=[], **recipe), key
@@ -305,7 +317,7 @@ def as_trl_reward_funcs(
 
     def make(name: str, objective: int | None) -> Callable[..., list[float]]:
         def reward(prompts, completions, **kwargs) -> list[float]:
-            results = scored(prompts, completions).results
+            results = scored(prompts, completions, kwargs).results
             return [r.score if objective is None else r.rewards[objective] for r in results]
 
         reward.__name__ = reward.__qualname__ = name

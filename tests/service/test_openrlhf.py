@@ -226,3 +226,36 @@ def test_the_documented_flag_is_the_one_openrlhf_defines():
     assert "--reward.remote_url" in flags and "--remote_rm_url" not in flags
     assert {"--data.label_key", "--data.input_key", "--data.input_template"} <= flags
     assert "--reward.remote_url /abs/path/polyreward_reward.py" in ours.__doc__
+
+
+@pytest.fixture(scope="module")
+def rules_url(minilm_artifact, serve, tmp_path_factory):
+    rules = tmp_path_factory.mktemp("rules") / "rules.yaml"
+    rules.write_text("rules:\n  correct: {kind: math}\n")
+    with serve(minilm_artifact, rules=str(rules)) as (u, _):
+        yield u
+
+
+def test_a_llama3_policy_with_labels_gets_the_reward_models_own_reading(rules_url, policy):
+    """The policy's template is Llama 3's (`--data.input_template`), the reward model's is plain: the server
+    reads the messages out of OpenRLHF's query, and OpenRLHF's `labels` are the math rule's reference answers."""
+    template = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    prompt, label = prompts_dataset.preprocess_data(ROW, template, "question", "answer")
+    outs = rollouts(
+        agent.SingleTurnAgentExecutor([f"{rules_url}/get_reward"]), policy, prompt, label, REPLIES
+    )
+    items = [{"prompt": ROW["question"], "response": r, "label": label} for r in REPLIES]
+    with httpx.Client(base_url=rules_url) as c:
+        want = c.post("/v1/score", json={"items": items}).json()["results"]
+        as_text = c.post("/v1/score", json={"items": [{"text": prompt + REPLIES[0], "label": label}]}).json()
+    assert [o["reward"][0] for o in outs] == pytest.approx([w["score"] for w in want], abs=1e-4)
+    assert [o["extra_logs"]["correct"][0] for o in outs] == [
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+    ]  # "4.", "5.", "…= 4.", "I don't know."
+    assert abs(as_text["results"][0]["score"] - want[0]["score"]) > 1e-3  # the template did matter

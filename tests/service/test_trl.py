@@ -208,3 +208,34 @@ def test_grpo_conversational_with_a_group_profile(url, policy_dir, tmp_path):
                 for r in rm.score(chats[i : i + GENERATIONS], profile="grpo").results
             ]
             assert np.allclose(values, alone, atol=1e-4)
+
+
+def test_grpo_with_rule_objectives_and_labels_from_a_dataset_column(
+    minilm_artifact, serve, policy_dir, tmp_path
+):
+    """A server with rule objectives (`serve --rules`): a length band and math correctness against the
+    dataset's `answer` column (`label_column`), as per-objective functions beside a learned one."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  short: {kind: length, max: 3, tolerance: 4}\n  correct: {kind: math}\n")
+    rows = [{"prompt": p, "answer": str(i)} for i, p in enumerate(PROMPTS)]
+    with serve(minilm_artifact, rules=str(rules)) as (url, _):
+        funcs = [Recorded(f) for f in as_trl_reward_funcs(url, objectives=["objective0", "short", "correct"],
+                                                          label_column="answer")]  # fmt: skip
+        trainer, _ = train(policy_dir, rows, funcs, tmp_path / "run", reward_weights=[1.0, 0.5, 2.0])
+        (unlabelled,) = as_trl_reward_funcs(url, objectives=["correct"])
+        with pytest.raises(Exception, match=r"items\[0\]\.label: rule 'correct'"):
+            unlabelled(prompts=PROMPTS[:1], completions=["1"])
+        (wrong_column,) = as_trl_reward_funcs(url, objectives=["correct"], label_column="solution")
+        with pytest.raises(ValueError, match="label_column: the dataset has no column 'solution'"):
+            wrong_column(prompts=PROMPTS[:1], completions=["1"], answer=["1"])
+        (scored,) = as_trl_reward_funcs(url, objectives=["correct"], label_column="answer")
+        assert scored(prompts=PROMPTS[:2], completions=["The answer is $1$", "0"], answer=["1", "1"]) == [
+            1.0,
+            0.0,
+        ]
+    assert trainer.state.global_step == 2
+    for step in range(2):
+        call = funcs[1].calls[step]
+        words = [len(c.split()) for c in call["completions"]]
+        assert call["rewards"] == pytest.approx([max(0.0, 1 - max(0, n - 3) / 4) for n in words])
+        assert all(v in (0.0, 1.0) for v in funcs[2].calls[step]["rewards"])

@@ -314,3 +314,25 @@ def score_requests(url: str) -> float:
         float(v)
         for v in re.findall(r'polyreward_requests_total\{route="/v1/score",status="\d+"\} (\S+)', text)
     )
+
+
+def test_ground_truth_drives_a_correctness_rule(minilm_artifact, serve, tokenizer, tmp_path, monkeypatch):
+    """With `serve --rules` (math-verify against the label), verl's ground truth decides the rule objective,
+    which verl logs per key beside the reward."""
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+    from verl.workers.reward_manager import NaiveRewardManager
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  correct: {kind: math}\n")
+    rows = [
+        ("what is 2 + 2?", "the answer is 4.", "4", True),
+        ("what is 2 + 2?", "it is 5, i think.", 4, True),
+        ("what is 3 + 4?", "3 + 4 = 7", ["7"], True),
+        ("what is 3 + 4?", "nine.", "7", True),
+    ]
+    with serve(minilm_artifact, rules=str(rules)) as (url, _):
+        monkeypatch.setenv("POLYREWARD_URL", url)
+        config = verl_config("reward.custom_reward_function.path=pkg://polyreward.service.verl")
+        manager = NaiveRewardManager(tokenizer, num_examine=0, compute_score=get_custom_reward_fn(config))
+        out = manager(rollouts(tokenizer, rows), return_dict=True)
+    assert out["reward_extra_info"]["correct"] == [1.0, 0.0, 1.0, 0.0]
