@@ -8,6 +8,7 @@ service        `polyreward serve` under 1/8/64/256 concurrent single-item client
 rescore        `polyreward rescore` rows/s, local and remote engines
 export-memory  peak RSS of exporting a large decoder
 decoder        Llama-3-8B-shaped fp16 decoder, CUDA EP vs PyTorch eager (a GPU machine)
+rules          what each rule objective adds per item, vs the model alone on the same items
 trust          interval coverage, margin uncertainty and calibration, best-of-N Goodhart; writes docs/trust.md
 """
 
@@ -15,7 +16,20 @@ from __future__ import annotations
 
 import sys
 
-from bench import decoder, export_memory, grpo, load, machine, offline, peer, report, rescore, soak, trust
+from bench import (
+    decoder,
+    export_memory,
+    grpo,
+    load,
+    machine,
+    offline,
+    peer,
+    report,
+    rescore,
+    rules,
+    soak,
+    trust,
+)
 
 WORKLOADS = {
     "all": report.main,
@@ -29,6 +43,7 @@ WORKLOADS = {
     "export-memory": export_memory.main,
     "decoder": decoder.main,
     "trust": trust.main,
+    "rules": rules.main,
 }
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from bench import grpo, load, machine, offline, peer, rescore, soak
+from bench import grpo, load, machine, offline, peer, rescore, rules, soak
 
-STEPS = {"offline": offline, "grpo": grpo, "service": load, "peer": peer, "rescore": rescore, "soak": soak}
+STEPS = {
+    "offline": offline, "grpo": grpo, "service": load, "peer": peer, "rescore": rescore, "rules": rules, "soak": soak,
+}  # fmt: skip
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 OFFLINE_COLUMNS = [
     "engine", "items_per_s", "tokens_per_s", "useful_gflops", "gemm_pct", "speedup_vs_pytorch", "spearman_vs_pytorch",
@@ -51,6 +53,19 @@ def main(argv: list[str]) -> None:
         records += module.run(sub.parse_args(common))
     write_report(records, args.out, args, time.time() - started)
     print(f"wrote {args.out}", file=sys.stderr)
+
+
+def rules_section(rows: list[dict]) -> str:
+    """The rule objectives' table (also what `python -m bench rules` adds to docs/performance.md by hand)."""
+    return "\n".join([
+        "## Rule objectives",
+        "",
+        f"{rows[0]['items']} real RMB replies with a reasoning trace and a label; each rule kind timed alone "
+        "(worker processes warm), then the model with every rule and the strip (`RuleSet.score`) against the "
+        "model alone on the same stripped items (fp32 Scorer). In the service the rules run beside the model's batches.",
+        "",
+        table(rows, ["engine", "rule", "kind", "ms_per_item", "vs_model", "added_ms_per_item", "ratio_vs_model"]),
+    ])  # fmt: skip
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
@@ -195,6 +210,8 @@ def write_report(records: list[dict], out: Path, args, seconds: float) -> None:
             table(rows, ["engine", "rows", "rows_per_s", "wall_seconds", "accuracy"]),
             "",
         ]
+    if rows := by("rules"):
+        parts += [rules_section(rows), ""]
     names = plots(records, out.parent)
     parts += ["## Raw measurements", "", "```jsonl", *(json.dumps(r) for r in records), "```", ""]
     out.write_text("\n".join(parts))

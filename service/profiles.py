@@ -21,9 +21,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from polyreward.models.runtime.errors import PolyrewardError, describe
+from polyreward.models.runtime.errors import PolyrewardError
+from polyreward.models.runtime.files import read_yaml_file
 from polyreward.models.runtime.manifest import Manifest
 from polyreward.service.postprocess import Recipe
 from polyreward.service.recipe import RecipeError, RecipeSpec
@@ -58,17 +59,7 @@ class Profiles:
         """Read a YAML (or JSON) profile file; a bad one is an error naming the file and the field."""
         if path is None:
             return cls()
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-            return cls(ProfileFile.model_validate(data), str(path))
-        except OSError as e:
-            raise PolyrewardError(f"profiles: {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise PolyrewardError(f"profiles: {path}: not YAML: {e}") from None
-        except ValidationError as e:
-            raise PolyrewardError(f"profiles: {path}: {describe(e)}") from None
+        return cls(read_yaml_file(Path(path), ProfileFile, "profiles"), str(path))
 
     @property
     def default(self) -> str | None:

@@ -1,4 +1,5 @@
-"""File primitives every writer shares: chunked sha256, and writes that land whole or not at all."""
+"""File primitives every writer shares: chunked sha256, writes that land whole or not at all, and YAML
+settings files read into a pydantic model."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
+from pydantic import BaseModel
+
+from polyreward.models.runtime.errors import PolyrewardError, describe
+
+M = TypeVar("M", bound=BaseModel)
 CHUNK = 1 << 22
 
 
@@ -53,3 +60,19 @@ def atomic_replace(tmp: Path, path: Path, *, fsync: bool = False) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_yaml_file(path: Path, model: type[M], what: str, error: type[Exception] = PolyrewardError) -> M:
+    """A YAML (or JSON) file validated as `model`; any problem is one `error` naming `what`, the file and the
+    field: `rules: rules.yaml: rules.f.format.pattern: ...`."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(yaml.safe_load(Path(path).read_text()))
+    except OSError as e:
+        raise error(f"{what}: {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{what}: {path}: not YAML: {e}") from None
+    except ValidationError as e:
+        raise error(f"{what}: {path}: {describe(e)}") from None

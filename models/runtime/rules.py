@@ -43,9 +43,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
 
-from polyreward.models.runtime.errors import PolyrewardError, describe
+from polyreward.models.runtime.errors import PolyrewardError
+from polyreward.models.runtime.files import read_yaml_file
 from polyreward.models.runtime.items import Item
 from polyreward.models.runtime.rule_file import (
     POOLED,
@@ -93,17 +93,7 @@ class RuleSet:
         """Read a YAML (or JSON) rule file; a bad one is an error naming the file, the rule and the field."""
         if path is None:
             return cls()
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-            return cls(RuleFile.model_validate(data), str(path))
-        except OSError as e:
-            raise RuleError(f"rules: {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise RuleError(f"rules: {path}: not YAML: {e}") from None
-        except ValidationError as e:
-            raise RuleError(f"rules: {path}: {describe(e)}") from None
+        return cls(read_yaml_file(Path(path), RuleFile, "rules", RuleError), str(path))
 
     @property
     def names(self) -> list[str]:
