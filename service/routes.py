@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated
 
@@ -71,7 +72,7 @@ async def get_reward(body: RewardRequest, request: Request) -> RewardResponse:
     `labels` the reference answers of correctness rules; the server's default profile makes the reward."""
     model = registry(request).pick(None)
     _, recipe = serving.recipe_for(request, model)
-    items = serving.reward_items(request, body)
+    items = await asyncio.to_thread(serving.reward_items, request, body)
     recipe.check([serving.prompt_key(it) for it in items])  # groups: the prompts of recognised queries
     results, extras = await serving.scored_with_rules(request, model, items, where=serving.at_query)
     return serving.reward_response(recipe, items, results, extras)

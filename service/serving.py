@@ -112,7 +112,7 @@ async def scored_with_rules(
     try:
         rules.check_labels(items)
     except MissingLabel as e:
-        raise InvalidRequest(f"{where(e.index)}.{e}", type="missing_label") from None
+        raise InvalidRequest(f"{where(e.index)}.label: {e.reason}", type="missing_label") from None
     stripped, removed = await asyncio.to_thread(rules.strip, items)
     checks = asyncio.ensure_future(
         asyncio.to_thread(rules.evaluate, items, stripped, model.scorer.builder.count_tokens)
@@ -208,7 +208,8 @@ def compare_response(
 def reward_items(request: Request, body: RewardRequest) -> list[Item]:
     """/get_reward's queries as items: a query in a chat format `templates.recognize` knows becomes its
     messages (so the reward model reads them in its own template); any other is scored as text, counted, or
-    refused when the server is set to. `labels` are the items' reference answers."""
+    refused when the server is set to. `labels` are the items' reference answers. Blocking (linear in the
+    text): the route runs it off the event loop."""
     labels = body.labels or [None] * len(body.query)
     if len(labels) != len(body.query):
         raise InvalidRequest(f"labels: {len(labels)} labels for {len(body.query)} queries")
@@ -230,9 +231,7 @@ def reward_items(request: Request, body: RewardRequest) -> list[Item]:
     try:
         request.app.state.rules.check_labels(items)
     except MissingLabel as e:
-        raise InvalidRequest(
-            f"labels[{e.index}]: {e}".replace(": label:", ":"), type="missing_label"
-        ) from None
+        raise InvalidRequest(f"labels[{e.index}]: {e.reason}", type="missing_label") from None
     return items
 
 

@@ -65,9 +65,8 @@ class MissingLabel(PolyrewardError, ValueError):
 
     def __init__(self, index: int, rule: str):
         self.index, self.rule = index, rule
-        super().__init__(
-            f"label: rule {rule!r} compares the reply with a reference answer; this item has none"
-        )
+        self.reason = f"rule {rule!r} compares the reply with a reference answer; this item has none"
+        super().__init__(f"label: {self.reason}")
 
 
 @dataclass
