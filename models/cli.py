@@ -58,7 +58,7 @@ RulesOption = Annotated[
     Path | None,
     typer.Option(
         help="rule objectives (YAML): format, length, JSON and correctness checks, reasoning-trace stripping; "
-        "their values follow the learned objectives (README, rule objectives; also POLYREWARD_RULES)",
+        "their values follow the learned objectives (README, rule objectives; serve: also POLYREWARD_RULES)",
         show_default=False,
     ),
 ]
