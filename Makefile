@@ -59,7 +59,7 @@ deploy-check: $(BIN)/polyreward $(HELM)
 	promtool test rules tests/monitoring/alerts_test.yaml
 	HELM=$(HELM) $(BIN)/pytest -q tests/deploy
 
-# The whole check (deploy-check included): about 13 minutes on 2 CPU cores (README, Development).
+# The whole check (deploy-check included): about 19 minutes on 2 CPU cores (README, Development).
 test: $(BIN)/polyreward deploy-check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
