@@ -149,14 +149,15 @@ class RuleSet:
             "original": [it.reply() for it in originals],
         }
         labels = [it.label for it in originals]
-        pooled = [j for j, r in enumerate(self.file.rules.values()) if r.kind in POOLED]
+        rules = self.rules
+        pooled = [j for j, r in enumerate(rules) if r.kind in POOLED]
         futures = []
         if pooled:
             pool = self._workers()
             for i in range(n):
-                jobs = [(names[j], texts[self.rules[j].input][i]) for j in pooled]
+                jobs = [(names[j], texts[rules[j].input][i]) for j in pooled]
                 futures.append(pool.schedule(_pooled, (jobs, labels[i]), timeout=self.file.time_limit))
-        for j, rule in enumerate(self.rules):
+        for j, rule in enumerate(rules):
             column = texts[rule.input]
             if rule.kind == "format":
                 pattern = compile_pattern(rule.pattern)
