@@ -52,6 +52,25 @@ def test_int8_ranks_like_fp32_on_real_held_out_text(default_artifact, data_dir):
     assert acc32 > 0.55  # the shipped model is better than chance on pairs it never saw
 
 
+def test_int8_score_does_not_depend_on_the_batch(default_artifact, data_dir):
+    """An item alone and inside a batch of 64 mixed-length items gets the same int8 score (per-row scales)."""
+    pairs = unseen_rmb_pairs(data_dir, 32)
+    items = [
+        ChatItem(messages=[*r["conversation"], {"role": "assistant", "content": r[side]}])
+        for r in pairs
+        for side in ("chosen", "rejected")
+    ]
+    scorer = Scorer(default_artifact, precision="int8", device="cpu")
+    encoded = scorer.tokenize(items)
+    lengths = sorted(e.tokens for e in encoded)
+    assert len(items) == 64 and lengths[-1] > 3 * lengths[0]  # mixed lengths: padding differs item by item
+    together = scorer.results(encoded, scorer.forward(scorer.collate(encoded)))
+    for i in range(0, 64, 7):
+        alone = scorer.results([encoded[i]], scorer.forward(scorer.collate([encoded[i]])))[0]
+        assert abs(alone.score - together[i].score) <= 1e-5
+        np.testing.assert_allclose(alone.rewards, together[i].rewards, atol=1e-5)
+
+
 def test_uncertainty_is_higher_out_of_distribution(default_artifact, data_dir, monkeypatch, repo):
     """Held-out rated responses vs the same responses replaced by random tokens of the same length.
 
