@@ -29,13 +29,17 @@ def unseen_rmb_pairs(data_dir, n: int):
     return unseen[:: max(1, len(unseen) // n)][:n]
 
 
-def test_int8_ranks_like_fp32_on_real_held_out_text(default_artifact, data_dir):
-    pairs = unseen_rmb_pairs(data_dir, 150)
-    items = [
+def both_sides(pairs: list[dict]) -> list[ChatItem]:
+    """[chosen_0, rejected_0, chosen_1, ...] as chat items."""
+    return [
         ChatItem(messages=[*r["conversation"], {"role": "assistant", "content": r[side]}])
         for r in pairs
         for side in ("chosen", "rejected")
     ]
+
+
+def test_int8_ranks_like_fp32_on_real_held_out_text(default_artifact, data_dir):
+    items = both_sides(unseen_rmb_pairs(data_dir, 150))
     assert len(items) == 300
     fp32 = np.array([r.score for r in Scorer(default_artifact, precision="fp32", device="cpu").score(items)])
     int8 = np.array([r.score for r in Scorer(default_artifact, precision="int8", device="cpu").score(items)])
@@ -54,12 +58,7 @@ def test_int8_ranks_like_fp32_on_real_held_out_text(default_artifact, data_dir):
 
 def test_int8_score_does_not_depend_on_the_batch(default_artifact, data_dir):
     """An item alone and inside a batch of 64 mixed-length items gets the same int8 score (per-row scales)."""
-    pairs = unseen_rmb_pairs(data_dir, 32)
-    items = [
-        ChatItem(messages=[*r["conversation"], {"role": "assistant", "content": r[side]}])
-        for r in pairs
-        for side in ("chosen", "rejected")
-    ]
+    items = both_sides(unseen_rmb_pairs(data_dir, 32))
     scorer = Scorer(default_artifact, precision="int8", device="cpu")
     encoded = scorer.tokenize(items)
     lengths = sorted(e.tokens for e in encoded)
