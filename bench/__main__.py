@@ -3,11 +3,12 @@
 all            machine, offline, grpo, service, rescore in one run; writes docs/performance.md and its plots
 machine        CPU model, cores, measured fp32 GEMM GFLOP/s
 offline        Scorer fp32/int8 vs PyTorch eager on real RMB items: items/s, GFLOP/s, Spearman, accuracy
-grpo           64 prompts × 8 responses, with and without prompt deduplication
+grpo           64 prompts × 8 responses: no dedup, dedup, the gating cache, and the no-gating-pass floor
 service        `polyreward serve` under 1/8/64/256 concurrent single-item clients vs the offline Scorer
 rescore        `polyreward rescore` rows/s, local and remote engines
 export-memory  peak RSS of exporting a large decoder
 decoder        Llama-3-8B-shaped fp16 decoder, CUDA EP vs PyTorch eager (a GPU machine)
+tenants        one tenant floods the server with 10,000 items: another tenant's single-item latency vs alone
 rules          what each rule objective adds per item, vs the model alone on the same items
 trust          interval coverage, margin uncertainty and calibration, best-of-N Goodhart; writes docs/trust.md
 """
@@ -28,6 +29,7 @@ from bench import (
     rescore,
     rules,
     soak,
+    tenants,
     trust,
 )
 
@@ -44,6 +46,7 @@ WORKLOADS = {
     "decoder": decoder.main,
     "trust": trust.main,
     "rules": rules.main,
+    "tenants": tenants.main,
 }
 
 if __name__ == "__main__":

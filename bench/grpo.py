@@ -1,8 +1,10 @@
-"""A GRPO-shaped step: 64 prompts × 8 responses scored at once, with and without prompt deduplication.
+"""A GRPO-shaped step: 64 prompts × 8 responses scored at once, four ways.
 
 Prompts and responses are RMB best-of-N sets (the best answer and its losers, cycled up to 8 per prompt).
-With deduplication the items of one batch that share a prompt share its gating pass; without it every item
-encodes its own prompt (what a reward model that gates per item does).
+`no-dedup`: every item encodes its own prompt (what a reward model that gates per item does); `dedup`: the
+items of one batch that share a prompt share its gating pass; `dedup+cache`: each prompt's gating pass runs
+once in the step, whatever batch its responses land in (the gating cache, emptied before every step);
+`floor`: every prompt already cached, so no gating pass runs at all (the cost floor the cache is held to).
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from dataclasses import replace
 
 from bench.common import DATA, add_common, artifact_path, emit, jsonl, scorer_settings, timed
 from bench.machine import cpu_model
+
+# (name, deduplicate prompts within a batch, gating cache: None off, "cold" emptied each step, "warm" full)
+VARIANTS = [
+    ("no-dedup", False, None),
+    ("dedup", True, None),
+    ("dedup+cache", True, "cold"),
+    ("floor", True, "warm"),
+]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -50,17 +60,30 @@ def run(args) -> list[dict]:
     records = []
     for precision in ("fp32", "int8"):
         scorer = Scorer(artifact, precision=precision, device="cpu", **settings)
+        cache = scorer.gating_cache
+        if cache is None:
+            raise SystemExit(
+                f"{artifact}: this model has no gating cache (a decoder, or no recorded transform)"
+            )
+
+        def step(dedup: bool, mode: str | None, scorer=scorer, cache=cache) -> None:
+            scorer.gating_cache = cache if mode else None
+            if mode == "cold":
+                cache.clear()
+            scorer.score(items, policy=replace(scorer.policy, dedup_prompts=dedup))
+
         seconds = {}
-        for dedup in (False, True):
-            policy = replace(scorer.policy, dedup_prompts=dedup)
-            seconds[dedup] = timed(lambda s=scorer, p=policy: s.score(items, policy=p), args.repeats)
+        for variant, dedup, mode in VARIANTS:
+            seconds[variant] = timed(lambda d=dedup, m=mode: step(d, m), args.repeats)
             record = {
-                **common, "engine": f"scorer-{precision}", "dedup_prompts": dedup,
-                "seconds": round(seconds[dedup], 3), "items_per_s": round(len(items) / seconds[dedup], 2),
+                **common, "engine": f"scorer-{precision}", "variant": variant,
+                "seconds": round(seconds[variant], 3), "items_per_s": round(len(items) / seconds[variant], 2),
+                "speedup_vs_no_dedup": round(seconds["no-dedup"] / seconds[variant], 2),
             }  # fmt: skip
-            if dedup:
-                record["speedup_vs_no_dedup"] = round(seconds[False] / seconds[True], 2)
+            if "floor" in seconds:
+                record["cache_vs_floor"] = round(seconds["dedup+cache"] / seconds["floor"], 3)
             records.append(emit(record, args.json))
+        scorer.gating_cache = cache
     return records
 
 

@@ -5,8 +5,9 @@ time, cycling through real items (both sides of RMB pairs), for a warm-up and th
 waits its Retry-After. A request counts when it finishes inside the measured window; its
 latency is its full round trip. Engines: the offline Scorer (one process, `score(items)`, same items), the
 service at each precision (a `polyreward serve` subprocess; POLYREWARD_* variables in this environment reach
-it), and `bench.naive_server` (one transformers forward per request). The load generator runs in this
-process and shares the CPU with the server; `client_cpu` and `server_cpu` (cores busy) show the split.
+it), and `bench.naive_server` (one transformers forward per request). The load generator is `wrk`
+where installed (bench/wrk.py: C, one thread; `--client python` for this process's asyncio + httpx); it shares
+the CPU with the server either way, and `client_cpu` and `server_cpu` (cores busy) show the split.
 
 Batch statistics come from the server's /metrics, differenced over the measured window.
 """
@@ -58,6 +59,13 @@ class LoadResult:
     client_cpu: float  # cores this process kept busy during the window
     server_cpu: float | None
     metrics: dict[str, float]
+    ok: int | None = None  # answered 200, when `latencies` are not kept (wrk)
+    percentiles: tuple[float, float] | None = None  # (p50, p99) seconds, when `latencies` are not kept
+
+    def p50_p99(self) -> tuple[float | None, float | None]:
+        if self.percentiles:
+            return self.percentiles
+        return percentile(self.latencies, 0.5), percentile(self.latencies, 0.99)
 
 
 def free_port() -> int:
@@ -281,7 +289,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def load_line(common: dict, engine: str, clients: int, r: LoadResult, **ratios) -> dict:
-    ips = len(r.latencies) / r.seconds  # items scored: one item per answered request
+    ips = (len(r.latencies) if r.ok is None else r.ok) / r.seconds  # one item per answered request
+    p50, p99 = r.p50_p99()
     line = {
         **common,
         "engine": engine,
@@ -292,8 +301,8 @@ def load_line(common: dict, engine: str, clients: int, r: LoadResult, **ratios) 
         "rejected_429": r.rejected,
         "error_kinds": r.error_kinds or None,
         "items_per_s": round(ips, 2),
-        "p50_ms": round(1000 * percentile(r.latencies, 0.5), 1) if r.latencies else None,
-        "p99_ms": round(1000 * percentile(r.latencies, 0.99), 1) if r.latencies else None,
+        "p50_ms": None if p50 is None else round(1000 * p50, 1),
+        "p99_ms": None if p99 is None else round(1000 * p99, 1),
         **{k: round(ips / v, 3) for k, v in ratios.items() if v},
         **{k: round(v, 3) if isinstance(v, float) else v for k, v in r.metrics.items()},
         "client_cpu": round(r.client_cpu, 2),
@@ -312,6 +321,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--pairs", type=int, default=64, help="RMB pairs whose sides the clients cycle through"
     )
     parser.add_argument("--naive", action="store_true", help="also the naive FastAPI + transformers server")
+    parser.add_argument(
+        "--client", choices=["wrk", "python"], default=None,
+        help="load generator: wrk (C; default when installed) or this process's asyncio + httpx",
+    )  # fmt: skip
 
 
 def run(args) -> list[dict]:
@@ -342,6 +355,10 @@ def run(args) -> list[dict]:
         )
         del scorer
         gc.collect()
+    from bench import wrk
+
+    client = args.client or ("wrk" if wrk.available() else "python")
+    drive = wrk.run_load if client == "wrk" else run_load
     servers = [(f"service-{p}", serve_argv(artifact, p, args.config), p) for p in args.precision]
     if args.naive:
         servers.append(
@@ -354,8 +371,9 @@ def run(args) -> list[dict]:
     for name, argv, precision in servers:
         with Server(name, argv) as server:
             for clients in args.clients:
-                r = run_load(server, bodies, clients, args.warmup, args.duration)
+                r = drive(server, bodies, clients, args.warmup, args.duration)
                 line = load_line(common, name, clients, r, vs_offline=offline.get(precision))
+                line["client"] = client
                 line["server_peak_rss_mb"] = round(peak_rss_mb(server.proc.pid) or 0)
                 records.append(emit(line, args.json))
     return records

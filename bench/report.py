@@ -12,18 +12,24 @@ import sys
 import time
 from pathlib import Path
 
-from bench import grpo, load, machine, offline, peer, rescore, rules, soak
+from bench import grpo, load, machine, offline, peer, rescore, rules, soak, tenants
 
 STEPS = {
-    "offline": offline, "grpo": grpo, "service": load, "peer": peer, "rescore": rescore, "rules": rules, "soak": soak,
+    "offline": offline, "grpo": grpo, "service": load, "tenants": tenants, "peer": peer, "rescore": rescore,
+    "rules": rules, "soak": soak,
 }  # fmt: skip
+TENANT_COLUMNS = [
+    "tenant_token_budget", "probe_alone_p50_ms", "probe_alone_p99_ms", "probe_flood_p50_ms", "probe_flood_p99_ms",
+    "p99_vs_alone", "flood_items_per_s", "flood_queued_at_start", "fifo_wait_s", "probes_after_flood", "client_cpu",
+    "server_cpu",
+]  # fmt: skip
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 OFFLINE_COLUMNS = [
     "engine", "items_per_s", "tokens_per_s", "useful_gflops", "gemm_pct", "speedup_vs_pytorch", "spearman_vs_pytorch",
     "heldout_pairs", "heldout_accuracy", "accuracy_vs_fp32_points", "batch_spread",
 ]  # fmt: skip
 SERVICE_COLUMNS = [
-    "engine", "clients", "items_per_s", "vs_offline", "p50_ms", "p99_ms", "errors", "rejected_429",
+    "engine", "client", "clients", "items_per_s", "vs_offline", "p50_ms", "p99_ms", "errors", "rejected_429",
     "mean_batch_items", "padding_ratio", "server_cpu", "client_cpu", "server_peak_rss_mb",
 ]  # fmt: skip
 
@@ -154,9 +160,27 @@ def write_report(records: list[dict], out: Path, args, seconds: float) -> None:
         parts += [
             "## GRPO-shaped step",
             "",
-            f"{rows[0]['prompts']} prompts × {rows[0]['group']} responses (RMB best-of-N sets) scored at once.",
+            f"{rows[0]['prompts']} prompts × {rows[0]['group']} responses (RMB best-of-N sets) scored at once. "
+            "no-dedup: every item runs its own gating pass; dedup: items of one batch share it; dedup+cache: "
+            "one gating pass per prompt in the step, whatever batch its responses land in (the gating cache, "
+            "emptied before each step); floor: every prompt cached, no gating pass at all. cache_vs_floor: "
+            "dedup+cache's seconds over the floor's.",
             "",
-            table(rows, ["engine", "dedup_prompts", "items_per_s", "speedup_vs_no_dedup"]),
+            table(rows, ["engine", "variant", "items_per_s", "speedup_vs_no_dedup", "cache_vs_floor"]),
+            "",
+        ]
+    if rows := by("tenants"):
+        parts += [
+            "## Fair shares between tenants",
+            "",
+            f"One tenant posts {rows[0]['flood_items']:,} items at once ({rows[0]['precision']} server); another "
+            f"sends {rows[0]['probes']} single-item requests one after another, first alone, then while the "
+            "flood is queued (bench/tenants.py). p99_vs_alone: the probe's p99 latency under the flood over its "
+            "p99 alone; fifo_wait_s: how long a first-come-first-served queue would have kept each probe behind "
+            "the flood (queued items / the flood's items/s); probes_after_flood: probe requests that ended only "
+            "after the whole flood. tenant_token_budget: the batch budget while tenants compete.",
+            "",
+            table(rows, TENANT_COLUMNS),
             "",
         ]
     if rows := by("service"):
@@ -164,7 +188,9 @@ def write_report(records: list[dict], out: Path, args, seconds: float) -> None:
             "## Service under concurrent single-item clients",
             "",
             "Each client sends one single-item `/v1/score` request at a time (as OpenRLHF does), for 15 s after "
-            "a 3 s warm-up; the load generator (asyncio + httpx) runs on the same cores as the server. "
+            f"a 3 s warm-up; the load generator ({next((r['client'] for r in rows if 'client' in r), 'python')}: wrk is C, one thread; python "
+            "is asyncio + httpx in the benchmark's process) runs on the same cores as the server, and client_cpu "
+            "beside server_cpu shows what it took. "
             "vs_offline is items/s over the offline Scorer's on the same items and precision.",
             "",
             table(rows, SERVICE_COLUMNS),

@@ -35,6 +35,7 @@ class PrecisionChoice(str, Enum):
     auto = "auto"
     fp32 = "fp32"
     int8 = "int8"
+    int8_dynamic = "int8-dynamic"
     fp16 = "fp16"
 
 

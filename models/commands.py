@@ -62,7 +62,8 @@ def export(
     precision: Annotated[
         str,
         typer.Option(
-            help="comma-separated graphs to build: fp32 (always, except fp16 alone for a decoder), int8 (CPU), fp16 (GPU)"
+            help="comma-separated graphs to build: fp32 (always, except fp16 alone for a decoder), int8 (CPU, "
+            "batch-invariant), int8-dynamic (CPU, faster, scores depend on the batch), fp16 (GPU)"
         ),
     ] = "fp32,int8",
     max_length: Annotated[
@@ -131,7 +132,7 @@ def import_armorm(
         str,
         typer.Option(
             help="comma-separated graphs: fp16 (GPU serving; traced in half precision, no fp32 copy), "
-            "fp32 (CPU, exact), int8"
+            "fp32 (CPU, exact), int8, int8-dynamic"
         ),
     ] = "fp32",
     max_length: Annotated[

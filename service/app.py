@@ -18,6 +18,7 @@ from polyreward.service.profiles import Profiles
 from polyreward.service.registry import Registry, Sources
 from polyreward.service.routes import router
 from polyreward.service.settings import Settings
+from polyreward.service.tenants import Labels, tenant_for_key
 
 
 def create_app(artifacts: list[Path] | Sources, settings: Settings | None = None) -> FastAPI:
@@ -46,7 +47,9 @@ def create_app(artifacts: list[Path] | Sources, settings: Settings | None = None
     )  # fmt: skip
     app.state.settings, app.state.metrics, app.state.registry = settings, metrics, models
     app.state.profiles, app.state.rules = profiles, rules
-    app.state.api_keys = [k.encode() for k in settings.api_key_list()]
+    keys = [tenant_for_key(k) for k in settings.api_key_list()]
+    app.state.api_keys = [(tenant, secret.encode()) for tenant, secret in keys]
+    app.state.tenant_label = Labels([*settings.tenants, *(t for t, _ in keys)], settings.max_tenant_labels)
     app.middleware("http")(envelope)
     install_handlers(app)
     app.include_router(router)

@@ -5,8 +5,9 @@ off the event loop, their items join one queue, and threads turn the queue into 
 phases (`tokenize`, `policy`, `collate`, `forward`, `results`) and nothing else of it:
 
 * the *prepare* thread, as soon as the device has taken the previous batch, takes a length-sorted window of
-  the oldest waiting items, picks the batch (under the padded-token budget and the item cap) that holds the
-  oldest item, and collates it, while
+  the first waiting items in fair order (`polyreward.service.tenants.FairQueue`: tenants share the tokens by
+  weight; one tenant alone is served oldest first), picks the batch (under the padded-token budget and the
+  item cap) that holds the first of them, and collates it, while
 * the *infer* thread runs the previous batch through ONNX Runtime and resolves its futures.
 
 So the next batch is ready the moment the device is free. When the device is busy, the prepare thread waits up
@@ -22,24 +23,24 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from polyreward.models.runtime.builder import Encoded
 from polyreward.models.runtime.items import Item
 from polyreward.models.runtime.manifest import Truncation
 from polyreward.models.runtime.scorer import Scorer, ScoreResult
+from polyreward.service.tenants import DEFAULT_TENANT, FairQueue, TenantPolicy
 
 log = logging.getLogger("polyreward.batcher")
 
 
 class QueueFull(Exception):
-    """The queue cap would be exceeded; the client should retry after `retry_after` seconds."""
+    """The queue cap (or the tenant's quota) would be exceeded; the client should retry after `retry_after`."""
 
-    def __init__(self, retry_after: float):
-        super().__init__(f"the scoring queue is full; retry after {retry_after:.1f}s")
+    def __init__(self, retry_after: float, what: str = "the scoring queue is full"):
+        super().__init__(f"{what}; retry after {retry_after:.1f}s")
         self.retry_after = retry_after
 
 
@@ -52,6 +53,8 @@ class BatchStats:
     real_tokens: int
     queue_seconds: float  # mean time its items waited before the batch started
     infer_seconds: float
+    gating_cached: int = 0  # items whose gating weights came from the gating cache
+    gating_computed: int = 0  # items whose prompt went through the gating pass (and into the cache)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,13 @@ class _Pending:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def tokens(self) -> int:
+        return self.encoded.tokens
+
+    def gone(self) -> bool:
+        return self.future.done()
 
 
 class Batcher:
@@ -85,6 +95,8 @@ class Batcher:
         window_items: int | None = None,
         tokenizer_threads: int = 1,
         workers: int = 1,
+        tenants: dict[str, TenantPolicy] | None = None,
+        contended_token_budget: int | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
     ):
         self.scorer = scorer
@@ -92,7 +104,10 @@ class Batcher:
         self.max_wait = max_wait
         self.window_items = window_items or 4 * scorer.policy.max_items
         self.on_batch = on_batch
-        self._pending: deque[_Pending] = deque()
+        self._pending = FairQueue(tenants)
+        # While two or more tenants compete, batches stay under this budget: a batch cannot be interrupted,
+        # so its length is what another tenant's item may have to wait for (None: the policy's budget).
+        self.contended_token_budget = contended_token_budget
         self._cond = threading.Condition()
         self.workers = workers
         self._prepared: queue.Queue = queue.Queue(maxsize=workers)
@@ -134,29 +149,49 @@ class Batcher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenize, self.scorer.tokenize, list(items), truncation)
 
+    def tenant_depth(self, tenant: str) -> int:
+        return self._pending.depth(tenant)
+
     async def score(
-        self, items: Sequence[Item], *, timeout: float | None = None, truncation: Truncation | None = None
+        self,
+        items: Sequence[Item],
+        *,
+        timeout: float | None = None,
+        truncation: Truncation | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> list[ScoreResult]:
         """Score one request's items through the shared queue; results in input order."""
-        return (await self.score_timed(items, timeout=timeout, truncation=truncation))[0]
+        return (await self.score_timed(items, timeout=timeout, truncation=truncation, tenant=tenant))[0]
 
     async def score_timed(
-        self, items: Sequence[Item], *, timeout: float | None = None, truncation: Truncation | None = None
+        self,
+        items: Sequence[Item],
+        *,
+        timeout: float | None = None,
+        truncation: Truncation | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[list[ScoreResult], Timing]:
         """Like `score`, plus the request's longest queue wait and inference time.
 
-        Raises QueueFull when the queue cap would be exceeded, TimeoutError when `timeout` passes first (its
-        items then leave the queue), and the inference error when its batch failed.
+        Raises QueueFull when the queue cap or the tenant's quota would be exceeded, TimeoutError when
+        `timeout` passes first (its items then leave the queue), and the inference error when its batch failed.
         """
         encoded = await self._tokenized(items, truncation)
         loop = asyncio.get_running_loop()
         with self._cond:
             if self._stopping:
                 raise QueueFull(retry_after=1.0)
-            if len(self._pending) + len(encoded) > self.max_queue_items:
-                raise QueueFull(max(0.1, len(self._pending) * self._seconds_per_item / self.workers))
+            waiting = len(self._pending)
+            if waiting + len(encoded) > self.max_queue_items:
+                raise QueueFull(max(0.1, waiting * self._seconds_per_item / self.workers))
+            mine, quota = self._pending.depth(tenant), self._pending.quota(tenant)
+            if quota is not None and mine + len(encoded) > quota:
+                raise QueueFull(
+                    max(0.1, mine * self._seconds_per_item / self.workers),
+                    f"tenant {tenant!r} has {mine} items waiting and a quota of {quota}",
+                )
             pending = [_Pending(e, loop.create_future(), loop) for e in encoded]
-            self._pending.extend(pending)
+            self._pending.push(tenant, pending)
             self._cond.notify()
         futures = [p.future for p in pending]
         try:
@@ -180,10 +215,15 @@ class Batcher:
             while True:
                 # Requests that are gone (deadline, disconnect, a failed sibling batch) drop their items; the
                 # event loop cancels futures at any moment, so look again after every wait.
-                self._pending = deque(p for p in self._pending if not p.future.done())
-                if not self._pending:
+                window = self._pending.window(self.window_items)
+                if not window:
                     if self._stopping:
                         return None
+                    self._cond.wait()
+                    continue
+                # Tenants compete: prepare no second batch ahead, so another tenant's item that arrives
+                # meanwhile waits for one batch less (a worker that takes the prepared one wakes this thread).
+                if self._prepared.qsize() and self._pending.competing() and not self._stopping:
                     self._cond.wait()
                     continue
                 # The device is busy: a short wait lets more items join this batch at no cost.
@@ -192,14 +232,14 @@ class Batcher:
                     waited = True
                     self._cond.wait(self.max_wait)
                     continue
-                window = [p for p in list(self._pending)[: self.window_items] if not p.future.done()]
-                if window:
-                    break
+                break
+            if self.contended_token_budget and self._pending.competing():
+                budget = min(policy.token_budget, self.contended_token_budget)
+                policy = replace(policy, token_budget=budget)
             plan = policy.plan([p.encoded.tokens for p in window])
-            chosen = next(b for b in plan if 0 in b)  # the batch that holds the oldest item
+            chosen = next(b for b in plan if 0 in b)  # the batch that holds the first item in fair order
             batch = [window[i] for i in chosen]
-            taken = {id(p) for p in batch}
-            self._pending = deque(p for p in self._pending if id(p) not in taken and not p.future.done())
+            self._pending.take(batch, len(window))
             return batch
 
     def _prepare_loop(self) -> None:
@@ -221,6 +261,8 @@ class Batcher:
             with self._running_lock:
                 self._running += 1
             self._slot.release()  # after counting this run: the next batch then waits max_wait for more items
+            with self._cond:
+                self._cond.notify_all()
             try:
                 results = self.scorer.results([p.encoded for p in batch], self.scorer.forward(feeds))
             except Exception as e:
@@ -244,6 +286,8 @@ class Batcher:
                         real_tokens=sum(p.encoded.tokens for p in batch),
                         queue_seconds=sum(started - p.enqueued for p in batch) / len(batch),
                         infer_seconds=seconds,
+                        gating_cached=len(getattr(feeds, "cached", ())),
+                        gating_computed=len(getattr(feeds, "fill", ())),
                     )
                 )
 

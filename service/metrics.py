@@ -43,6 +43,20 @@ class Metrics:
         )
         self.items = Counter("polyreward_items_scored", "items scored", ["model"], registry=r)
         self.tokens = Counter("polyreward_tokens_scored", "real tokens scored", ["model"], registry=r)
+        self.gating_cache = Counter(
+            "polyreward_gating_cache_items", "items whose gating weights came from the prompt cache (hit) "
+            "or from a gating pass over their prompt (miss)", ["model", "result"], registry=r,
+        )  # fmt: skip
+        # per tenant (README, tenants): the named ones and the first max_tenant_labels others, then "other"
+        self.tenant_items = Counter("polyreward_tenant_items_scored", "items scored", ["tenant"], registry=r)
+        self.tenant_queue_seconds = Histogram(
+            "polyreward_tenant_queue_duration_seconds", "a request's longest queue wait", ["tenant"],
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.tenant_rejections = Counter(
+            "polyreward_tenant_rejections", "requests answered 429 (queue cap or tenant quota)", ["tenant"],
+            registry=r,
+        )  # fmt: skip
         self.truncations = Counter("polyreward_truncations", "items truncated", ["model"], registry=r)
         self.rejections = Counter("polyreward_rejections", "requests refused", ["reason"], registry=r)
         self.rule_failures = Counter(
@@ -67,5 +81,8 @@ class Metrics:
             self.queue_seconds.labels(model).observe(stats.queue_seconds)
             self.items.labels(model).inc(stats.items)
             self.tokens.labels(model).inc(stats.real_tokens)
+            if stats.gating_cached or stats.gating_computed:
+                self.gating_cache.labels(model, "hit").inc(stats.gating_cached)
+                self.gating_cache.labels(model, "miss").inc(stats.gating_computed)
 
         return record

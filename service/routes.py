@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from polyreward.service import serving
-from polyreward.service.errors import SCORING, NotReady, Unauthorized, responses
+from polyreward.service.errors import SCORING, InvalidRequest, NotReady, Unauthorized, responses
 from polyreward.service.registry import Registry
 from polyreward.service.schemas import (
     CompareRequest,
@@ -23,6 +23,7 @@ from polyreward.service.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
+from polyreward.service.tenants import TENANT_HEADER, tenant_from_header
 
 _bearer = HTTPBearer(auto_error=False, description="an API key, when the server has keys configured")
 
@@ -30,11 +31,20 @@ _bearer = HTTPBearer(auto_error=False, description="an API key, when the server 
 async def authorize(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    """With API keys configured, a scoring route needs one of them (compared in constant time)."""
-    keys: list[bytes] = request.app.state.api_keys
+    """With API keys configured, a scoring route needs one of them (compared in constant time, each one), and
+    the key names the request's tenant; without keys the `X-Polyreward-Tenant` header does."""
+    keys: list[tuple[str, bytes]] = request.app.state.api_keys
+    if not keys:
+        try:
+            request.state.tenant = tenant_from_header(request.headers.get(TENANT_HEADER))
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        return
     token = credentials.credentials.encode() if credentials else b""
-    if keys and not any(hmac.compare_digest(token, k) for k in keys):
+    matches = [tenant for tenant, k in keys if hmac.compare_digest(token, k)]
+    if not matches:
         raise Unauthorized("a valid 'Authorization: Bearer <key>' header is required")
+    request.state.tenant = matches[0]
 
 
 def registry(request: Request) -> Registry:

@@ -18,6 +18,7 @@ from polyreward.models.runtime.manifest import Truncation
 from polyreward.models.runtime.rules import MissingLabel, RuleSet, append_rules
 from polyreward.models.runtime.scorer import ScoreResult
 from polyreward.models.runtime.templates import FORMATS, recognize
+from polyreward.service.batcher import QueueFull
 from polyreward.service.errors import ClientGone, InvalidRequest, TooManyItems, from_rejection
 from polyreward.service.postprocess import Recipe, margin_probability, prompt_key, sigmoid
 from polyreward.service.recipe import RecipeError, merge
@@ -33,6 +34,7 @@ from polyreward.service.schemas import (
     ScoreResponse,
     Usage,
 )
+from polyreward.service.tenants import DEFAULT_TENANT
 
 
 def at_item(index: int) -> str:
@@ -59,8 +61,12 @@ async def scored(
     settings, metrics = request.app.state.settings, request.app.state.metrics
     if len(items) > settings.max_items_per_request:
         raise TooManyItems(f"items: {len(items)} items; the limit is {settings.max_items_per_request}")
+    tenant = getattr(request.state, "tenant", DEFAULT_TENANT)
+    label = request.app.state.tenant_label(tenant)
     work = asyncio.ensure_future(
-        model.batcher.score_timed(items, timeout=settings.request_timeout, truncation=truncation)
+        model.batcher.score_timed(
+            items, timeout=settings.request_timeout, truncation=truncation, tenant=tenant
+        )
     )
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -68,12 +74,18 @@ async def scored(
         if not work.done():  # the client went away: its items leave the queue
             work.cancel()
             raise ClientGone("the client closed the connection")
-        results, request.state.timing = work.result()
+        results, timing = work.result()
+        request.state.timing = timing
     except InputRejected as e:
         raise from_rejection(e, where(e.index)) from None
+    except QueueFull:
+        metrics.tenant_rejections.labels(label).inc()
+        raise
     finally:
         gone.cancel()
         metrics.queue_depth.labels(model.name).set(model.batcher.queue_depth)
+    metrics.tenant_items.labels(label).inc(len(results))
+    metrics.tenant_queue_seconds.labels(label).observe(timing.queue_seconds)
     if truncated := sum(r.truncated for r in results):
         metrics.truncations.labels(model.name).inc(truncated)
     return results

@@ -17,7 +17,9 @@ from pydantic_settings import BaseSettings, JsonConfigSettingsSource, SettingsCo
 
 from polyreward.models.runtime.batching import DEFAULT_MAX_ITEMS, DEFAULTS_TEXT
 from polyreward.models.runtime.errors import PolyrewardError
+from polyreward.models.runtime.gating_cache import DEFAULT_ITEMS as DEFAULT_GATING_CACHE
 from polyreward.models.runtime.session import AUTO_PRECISION_TEXT
+from polyreward.service.tenants import TenantPolicy
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
@@ -50,6 +52,21 @@ class Settings(BaseSettings):
         "score", description="/get_reward queries in no known chat format: score the text as it is (counted "
         "in polyreward_unrecognized_queries_total) or refuse them with 422",
     )  # fmt: skip
+    gating_cache_items: int = Field(
+        DEFAULT_GATING_CACHE, ge=0, description="prompts whose gating weights are kept across requests "
+        "(encoder models; 0: off)",
+    )  # fmt: skip
+    tenants: dict[str, TenantPolicy] = Field(
+        default_factory=dict, description="per-tenant weight and max_queue_items, by tenant name (README, "
+        "tenants); unnamed tenants get weight 1 and the server's queue cap",
+    )  # fmt: skip
+    tenant_token_budget: int | None = Field(
+        None, ge=16, description="padded tokens per batch while two or more tenants have items waiting "
+        "(shorter batches: another tenant's item waits less for the one running) [token_budget]",
+    )  # fmt: skip
+    max_tenant_labels: int = Field(
+        16, ge=0, description="tenants beyond the named ones that get their own metrics label (then 'other')"
+    )
     max_wait_ms: float = Field(2.0, ge=0)
     max_queue_items: int = Field(4096, ge=1)
     max_items_per_request: int = Field(256, ge=1)

@@ -47,11 +47,16 @@ def default_model() -> tuple[Path, dict]:
     }
 
 
+# Bumped whenever the export builds different graphs from the same heads (2: batch-invariant int8), so a cache
+# built by an older polyreward is not served as if it were this one's.
+BUILD_REVISION = 2
+
+
 def default_artifact() -> Path:
     """The default model's artifact in the cache (`$POLYREWARD_CACHE`, else ~/.cache/polyreward), exported
     there the first time (about 20 s on 2 CPU cores; needs the `train` extra)."""
     _, shipped = default_model()
-    out = CACHE / f"{shipped['name']}-{shipped['version']}"
+    out = CACHE / f"{shipped['name']}-{shipped['version']}-r{BUILD_REVISION}"
     if not (out / "manifest.json").exists():
         log.info("building the default model into %s (once; about 20 s)", out)
         command = [sys.executable, "-m", "polyreward.models.cli", "export", "--default", "--out", str(out)]

@@ -19,8 +19,10 @@ SCHEMA_VERSION = 3
 SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
 CONFORMAL_LEVELS = tuple(round(0.01 * i, 2) for i in range(1, 100))
 
-Precision = Literal["fp32", "int8", "fp16"]
-PRECISIONS: tuple[Precision, ...] = ("fp32", "int8", "fp16")
+# int8: per-row activation scales, batch-invariant; int8-dynamic: ONNX Runtime's dynamic quantization, one
+# activation scale per tensor (faster on a CPU, but an item's score depends on what it is batched with).
+Precision = Literal["fp32", "int8", "int8-dynamic", "fp16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "int8", "int8-dynamic", "fp16")
 
 
 class _Strict(BaseModel):

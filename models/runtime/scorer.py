@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from polyreward.models.runtime.artifact import TOKENIZER_DIR, load_manifest, verify_graph
 from polyreward.models.runtime.batching import BatchingPolicy, collate
 from polyreward.models.runtime.builder import Encoded, InputBuilder
+from polyreward.models.runtime.gating_cache import DEFAULT_ITEMS, Feeds, GatingCache, apply, prompt_key
 from polyreward.models.runtime.items import Item, parse_item
 from polyreward.models.runtime.manifest import Manifest, Precision, Truncation
 from polyreward.models.runtime.session import (
@@ -63,6 +64,8 @@ class Scorer:
     CPU; a GPU provider that was asked for but is not the one the session runs on is reported loudly
     (`fallback` is then True). token_budget / max_batch_items: the default `policy`
     (`BatchingPolicy.for_device`). threads / spin: ONNX Runtime's intra-op threads and spinning.
+    gating_cache: prompts whose gating weights are remembered across batches and calls
+    (`polyreward.models.runtime.gating_cache`; encoder models with a recorded transform; 0: off).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Scorer:
         max_batch_items: int | None = None,
         threads: int | None = None,
         spin: bool | None = None,
+        gating_cache: int = DEFAULT_ITEMS,
     ):
         from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: that imports torch when present
 
@@ -92,6 +96,9 @@ class Scorer:
         self.fallback = falls_back(self.session, self.device)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        cacheable = "prompt_input_ids" in self.input_names and self.manifest.transform is not None
+        self.gating_cache = GatingCache(gating_cache) if cacheable and gating_cache > 0 else None
+        self._transform = np.array(self.manifest.transform or [], np.float32)
 
     @property
     def objectives(self) -> list[str]:
@@ -110,19 +117,38 @@ class Scorer:
     def collate(
         self, batch: Sequence[Encoded], policy: BatchingPolicy | None = None
     ) -> dict[str, np.ndarray]:
-        """Pad one batch into the graph's inputs (a server does this while the previous batch runs)."""
+        """Pad one batch into the graph's inputs (a server does this while the previous batch runs).
+
+        Items whose prompt is in the gating cache get a one-token stand-in prompt (`forward` puts their gating
+        back); the cache is skipped with `dedup_prompts` off, the baseline where every item has its own pass.
+        """
+        dedup = (policy or self.policy).dedup_prompts
+        cached: dict[int, np.ndarray] = {}
+        fill: dict[int, bytes] = {}
+        if self.gating_cache is not None and dedup:
+            stand_in = (self.builder.pad_id,)
+            batch = list(batch)
+            for row, e in enumerate(batch):
+                key = prompt_key(e.prompt_ids or ())
+                if (gating := self.gating_cache.get(key)) is None:
+                    fill[row] = key
+                else:
+                    cached[row], batch[row] = gating, replace(e, prompt_ids=stand_in)
         arrays = collate(
             batch,
             kind=self.builder.kind,
             pad_id=self.builder.pad_id,
             padding_side=self.manifest.input.padding_side,
-            dedup_prompts=(policy or self.policy).dedup_prompts,
+            dedup_prompts=dedup,
         )
-        return {name: arrays[name] for name in self.input_names}
+        return Feeds({name: arrays[name] for name in self.input_names}, cached, fill)
 
     def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Collated inputs through the graph: {rewards [N,K], gating [N,K], score [N], uncertainty? [N,K]}."""
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        if self.gating_cache is not None and isinstance(feeds, Feeds):
+            outputs = apply(self.gating_cache, feeds, outputs, self._transform)
+        return outputs
 
     def results(self, batch: Sequence[Encoded], outputs: dict[str, np.ndarray]) -> list[ScoreResult]:
         """One result per item of the batch, from the graph's outputs for it."""

@@ -36,7 +36,7 @@ from polyreward.models.runtime.manifest import (
     Truncation,
 )
 from polyreward.models.torch.heads import load_heads, save_heads
-from polyreward.models.torch.ort_passes import convert_fp16, fuse, quantize_int8
+from polyreward.models.torch.ort_passes import convert_fp16, fuse, quantize_dynamic_int8, quantize_int8
 from polyreward.models.torch.reward_model import RewardModel, build_reward_model, detect_kind, load_backbone
 from polyreward.models.torch.trace import OPSET, export_onnx, release, store_transposed, trace_example
 from polyreward.models.torch.verify import ExportError, check_against_torch, graph_entry, run_torch
@@ -48,6 +48,7 @@ log = logging.getLogger("polyreward.export")
 GRAPH_FILES: dict[Precision, str] = {
     "fp32": "model.onnx",
     "int8": "model.int8.onnx",
+    "int8-dynamic": "model.int8-dynamic.onnx",
     "fp16": "model.fp16.onnx",
 }
 
@@ -156,6 +157,8 @@ def write_artifact(
         for precision in wanted:
             if precision == "int8":
                 quantize_int8(tmp / GRAPH_FILES["fp32"], tmp / GRAPH_FILES["int8"])
+            elif precision == "int8-dynamic":
+                quantize_dynamic_int8(tmp / GRAPH_FILES["fp32"], tmp / GRAPH_FILES["int8-dynamic"])
             elif precision == "fp16" and kind == "encoder":
                 convert_fp16(tmp / GRAPH_FILES["fp32"], tmp / GRAPH_FILES["fp16"])
         graphs = {p: graph_entry(tmp / GRAPH_FILES[p], fused=bool(fused_ops)) for p in wanted}

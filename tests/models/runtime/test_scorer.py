@@ -1,5 +1,5 @@
-"""The scorer's phases on a real exported artifact: the batching policy is a value, and prompt deduplication
-changes no score."""
+"""The scorer's phases on a real exported artifact: the batching policy is a value, and neither prompt
+deduplication nor the gating cache changes a score."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from polyreward.models.runtime.batching import BatchingPolicy
+from polyreward.models.runtime.gating_cache import GatingCache, prompt_key
 from polyreward.models.runtime.items import PromptItem
 from polyreward.models.runtime.scorer import Scorer
 
@@ -37,3 +38,43 @@ def test_prompt_deduplication_changes_no_score(export_family, mixed_items):
     assert len(scorer.collate(scorer.tokenize(group), each)["prompt_input_ids"]) == 4
     alone = scorer.score(mixed_items + group, policy=each)
     assert np.allclose([r.score for r in shared], [r.score for r in alone], atol=1e-5)
+
+
+def test_the_gating_cache_reuses_a_prompts_weights_and_changes_no_score(export_family, mixed_items):
+    """A prompt seen before skips its gating pass (one 1-token stand-in row), and every result (gating, score,
+    rewards) is what the scorer without the cache gives; the cached score is Σ g·(r @ T) from the manifest."""
+    artifact = export_family("minilm")
+    plain = Scorer(artifact, precision="fp32", device="cpu", gating_cache=0)
+    assert plain.gating_cache is None
+    cached = Scorer(artifact, precision="fp32", device="cpu")
+    items = mixed_items
+    want = plain.score(items)
+    first = cached.score(items)  # fills the cache
+    encoded = cached.tokenize(items)
+    distinct = {e.prompt_ids for e in encoded}
+    assert len(cached.gating_cache) == len(distinct) < len(items)  # mixed_items share some prompts
+    assert cached.gating_cache.hits + cached.gating_cache.misses == len(items)
+    feeds = cached.collate(encoded)
+    assert feeds["prompt_input_ids"].shape == (1, 1) and len(feeds.cached) == len(items)
+    again = cached.score(items)  # every prompt known now
+    assert cached.gating_cache.hits >= len(items)
+    transform = np.array(cached.manifest.transform)
+    for w, f, a in zip(want, first, again, strict=True):
+        assert np.allclose(a.gating, w.gating, atol=1e-6) and np.allclose(f.gating, w.gating, atol=1e-6)
+        assert np.allclose(a.rewards, w.rewards, atol=1e-5)
+        assert abs(a.score - w.score) <= 1e-5 and abs(f.score - w.score) <= 1e-5
+        assert abs(a.score - float(np.dot(a.gating, np.array(a.rewards) @ transform))) <= 1e-5
+    cached.gating_cache.clear()
+    small = GatingCache(max_items=2)
+    for i in range(3):
+        small.put(prompt_key([i]), np.ones(2))
+    assert len(small) == 2 and small.get(prompt_key([0])) is None  # the oldest left first
+
+
+def test_the_baseline_without_deduplication_bypasses_the_cache(export_family):
+    scorer = Scorer(export_family("minilm"), precision="fp32", device="cpu")
+    group = [PromptItem(prompt="Name a prime number.", response=r) for r in ("2", "Seven.")]
+    scorer.score(group)
+    each = replace(scorer.policy, dedup_prompts=False)
+    feeds = scorer.collate(scorer.tokenize(group), each)
+    assert len(feeds["prompt_input_ids"]) == 2 and not feeds.cached

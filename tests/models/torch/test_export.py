@@ -14,6 +14,7 @@ from polyreward.models.runtime.items import PromptItem
 from polyreward.models.runtime.scorer import Scorer
 from polyreward.models.torch.export import ExportOptions, export_artifact
 from polyreward.models.torch.heads import load_heads
+from polyreward.models.torch.ort_passes import quantize_dynamic_int8
 from polyreward.models.torch.reward_model import build_reward_model, load_backbone, score_torch
 
 pytestmark = pytest.mark.slow
@@ -91,6 +92,21 @@ def test_int8_graph_quantizes_the_backbone_but_not_the_heads(export_family):
     assert "Attention" not in ops and "DynamicQuantizeLinear" not in ops
     head_ops = {n.op_type for n in graph.node if n.name.startswith("/heads/")}
     assert head_ops and not head_ops & {"MatMulIntegerToFloat", "QuantizeLinear"}
+
+
+def test_int8_dynamic_is_the_named_per_batch_alternative(export_family, mixed_items, tmp_path):
+    """`int8-dynamic` (ORT's dynamic quantization, one activation scale per batch) is still built on request:
+    its graph quantizes activations at run time and keeps the ranking of fp32."""
+    artifact = export_family("minilm")
+    assert ExportOptions(precisions=["int8-dynamic"]).graphs("encoder") == ["fp32", "int8-dynamic"]
+    quantize_dynamic_int8(artifact / "model.onnx", tmp_path / "dynamic.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "dynamic.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in ops and "MultiHeadAttention" not in ops
+    scorer = Scorer(artifact, precision="fp32", device="cpu")
+    feeds = scorer.collate(scorer.tokenize(mixed_items))
+    session = ort.InferenceSession(str(tmp_path / "dynamic.onnx"), providers=["CPUExecutionProvider"])
+    dynamic = session.run(["score"], dict(feeds))[0]
+    assert spearmanr(dynamic, scorer.forward(feeds)["score"])[0] > 0.98
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,0 +1,87 @@
+"""Gating weights remembered per prompt, across batches and requests (README, "GRPO groups").
+
+An encoder model's gating weights depend on the prompt alone: its own pass over the prompt's tokens, then the
+gating network. A GRPO step scores each prompt with 8 or 16 responses, which the length-sorted planner spreads
+over several batches, and a rollout worker sends them as separate requests. `GatingCache` keeps the weights of
+recently seen prompts, keyed by the prompt's exact token ids (so a hit is the same input to the same graph: the
+result is the one the pass would give). A batch whose prompts are all known then runs the backbone on one
+one-token prompt row instead of its prompts, and its score is recomputed from the graph's own rewards:
+
+    score = Σ_k g_k · (r @ T)_k        (g: the cached gating weights, r: the raw rewards, T: manifest.transform)
+
+which is the graph's formula (`polyreward.models.torch.heads.RewardHeads.forward`). Bounded, least recently
+used first out, thread-safe (the service collates and runs batches on different threads).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_ITEMS = 8192  # prompts remembered; a 512-token key is 2 KiB, so at most ~20 MB
+
+
+def prompt_key(prompt_ids: Sequence[int]) -> bytes:
+    return np.asarray(prompt_ids, np.int32).tobytes()
+
+
+class GatingCache:
+    def __init__(self, max_items: int = DEFAULT_ITEMS):
+        if max_items < 1:
+            raise ValueError("max_items must be positive")
+        self.max_items = max_items
+        self._data: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        with self._lock:
+            gating = self._data.get(key)
+            if gating is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return gating
+
+    def put(self, key: bytes, gating: np.ndarray) -> None:
+        with self._lock:
+            self._data[key] = np.array(gating, np.float32)  # a copy: the batch's output array is not kept
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_items:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.hits = self.misses = 0
+
+
+class Feeds(dict):
+    """A batch's graph inputs, plus what the gating cache decided for its items: `cached` maps a row to the
+    gating weights it reuses (its prompt row was replaced by the one-token row), `fill` maps a row whose
+    prompt was computed to the key its weights are remembered under."""
+
+    def __init__(self, arrays: dict, cached: dict[int, np.ndarray], fill: dict[int, bytes]):
+        super().__init__(arrays)
+        self.cached, self.fill = cached, fill
+
+
+def apply(
+    cache: GatingCache, feeds: Feeds, outputs: dict[str, np.ndarray], transform: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The graph's outputs with the cached items' gating and score put back, and the new prompts remembered."""
+    for row, key in feeds.fill.items():
+        cache.put(key, outputs["gating"][row])
+    if feeds.cached:
+        rows = np.fromiter(feeds.cached, np.int64)
+        gating = np.stack(list(feeds.cached.values()))
+        outputs["gating"][rows] = gating
+        outputs["score"][rows] = (gating * (outputs["rewards"][rows] @ transform)).sum(-1)
+    return outputs
