@@ -8,7 +8,8 @@ For each setting of `tenant_token_budget` (the batch budget while two tenants wa
 
 Reported: the probe's p50/p99 latency alone and under the flood and their ratio, the flood's items/s while
 the probe ran, the flood items still queued when the probe started and how long a first-come-first-served
-queue would have made the probe wait behind them (queued / flood items/s), and how many probe requests
+queue would have made the probe wait behind them (queued / flood items/s; the flood's items/s is every item
+scored meanwhile, from the server's metrics, less the probe's), and how many probe requests
 finished only after the whole flood. The load generator runs in this process: client_cpu beside server_cpu.
 """
 
@@ -39,23 +40,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-async def queue_depth(client) -> float:
+async def metric(client, name: str) -> float:
+    """The sum of a metric's samples over its label sets."""
     text = (await client.get("/metrics")).text
-    return sum(
-        float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith("polyreward_queue_depth{")
-    )
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(name + "{"))
 
 
 async def probe(client, bodies: list[bytes], flood_done: asyncio.Event | None = None) -> tuple[list, int]:
     """Sequential single-item requests: their latencies, and how many ended after the flood had finished."""
-    latencies, late = [], 0
+    latencies, late, parts = [], 0, []
     for body in bodies:
         started = time.monotonic()
         r = await client.post("/v1/score", content=body, headers={**HEADERS, "x-polyreward-tenant": "probe"})
         r.raise_for_status()
         latencies.append(time.monotonic() - started)
+        parts.append((float(r.headers["x-queue-time-ms"]), float(r.headers["x-inference-time-ms"])))
         late += bool(flood_done and flood_done.is_set())
-    return latencies, late
+    return latencies, late, parts
 
 
 async def phase(url: str, pid: int, probes: list[bytes], floods: list[bytes]) -> dict:
@@ -64,7 +65,7 @@ async def phase(url: str, pid: int, probes: list[bytes], floods: list[bytes]) ->
     limits = httpx.Limits(max_connections=len(floods) + 8)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=1800) as client:
         await probe(client, probes[:10])  # warm-up: first connections, first batches of each length
-        alone, _ = await probe(client, probes)
+        alone, _, _ = await probe(client, probes)
         done = asyncio.Event()
         flood_headers = {**HEADERS, "x-polyreward-tenant": "flood"}
 
@@ -74,18 +75,25 @@ async def phase(url: str, pid: int, probes: list[bytes], floods: list[bytes]) ->
             )
             done.set()
 
+        sizes = [len(json.loads(b)["items"]) for b in floods]
+        before = await metric(client, "polyreward_items_scored_total")
         flood = asyncio.create_task(flood_all())
-        total = sum(len(json.loads(b)["items"]) for b in floods)
         deadline = time.monotonic() + 120
-        while (depth := await queue_depth(client)) < 0.9 * total and time.monotonic() < deadline:
+        while True:  # until every flood request is queued (or already scored), the last one aside
+            depth = await metric(client, "polyreward_queue_depth")
+            scored = await metric(client, "polyreward_items_scored_total")
+            if depth + scored - before >= sum(sizes) - sizes[-1]:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the flood did not queue: {depth:.0f} of {sum(sizes)} items after 120 s")
             await asyncio.sleep(0.2)
         t0, c0, s0 = time.monotonic(), time.process_time(), proc_cpu_seconds(pid)
-        under, late = await probe(client, probes, done)
+        under, late, parts = await probe(client, probes, done)
         t1, c1, s1 = time.monotonic(), time.process_time(), proc_cpu_seconds(pid)
-        left = await queue_depth(client)
+        scored = await metric(client, "polyreward_items_scored_total") - scored
         flood.cancel()
         await asyncio.gather(flood, return_exceptions=True)
-    flood_rate = max(depth - left - len(probes), 0) / (t1 - t0)
+    flood_rate = max(scored - len(probes), 0) / (t1 - t0)
     p99_alone, p99_under = percentile(alone, 0.99), percentile(under, 0.99)
     return {
         "probe_alone_p50_ms": round(1000 * percentile(alone, 0.5), 1),
@@ -94,6 +102,8 @@ async def phase(url: str, pid: int, probes: list[bytes], floods: list[bytes]) ->
         "probe_flood_p99_ms": round(1000 * p99_under, 1),
         "p99_vs_alone": round(p99_under / p99_alone, 2),
         "probe_max_ms": round(1000 * max(under), 1),
+        "probe_flood_queue_p50_ms": round(percentile([q for q, _ in parts], 0.5), 1),
+        "probe_flood_infer_p50_ms": round(percentile([i for _, i in parts], 0.5), 1),
         "flood_queued_at_start": int(depth),
         "flood_items_per_s": round(flood_rate, 1),
         "fifo_wait_s": round(depth / flood_rate, 1) if flood_rate else None,

@@ -31,7 +31,7 @@ from polyreward.models.runtime.builder import Encoded
 from polyreward.models.runtime.items import Item
 from polyreward.models.runtime.manifest import Truncation
 from polyreward.models.runtime.scorer import Scorer, ScoreResult
-from polyreward.service.tenants import DEFAULT_TENANT, FairQueue, TenantPolicy
+from polyreward.service.tenants import COMPETING_SECONDS, DEFAULT_TENANT, FairQueue, TenantPolicy
 
 log = logging.getLogger("polyreward.batcher")
 
@@ -97,6 +97,7 @@ class Batcher:
         workers: int = 1,
         tenants: dict[str, TenantPolicy] | None = None,
         contended_token_budget: int | None = None,
+        express: bool = True,
         on_batch: Callable[[BatchStats], None] | None = None,
     ):
         self.scorer = scorer
@@ -114,12 +115,14 @@ class Batcher:
         # At most one batch prepared ahead per worker: the next one is picked only once a worker has taken the
         # last one, so it is formed from everything that arrived meanwhile (fuller, better-sorted batches).
         self._slot = threading.Semaphore(workers)
+        self._express_running = False  # a light tenant's batch is running (`_express_loop`)
         self._running = 0  # batches in inference; the device is busy when every worker runs one
         self._running_lock = threading.Lock()
         self._stopping = False
         self._tokenize = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
         self._threads = [
             threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
+            *([threading.Thread(target=self._express_loop, name="express", daemon=True)] if express else []),
             *(
                 threading.Thread(target=self._infer_loop, name=f"infer-{i}", daemon=True)
                 for i in range(workers)
@@ -192,7 +195,7 @@ class Batcher:
                 )
             pending = [_Pending(e, loop.create_future(), loop) for e in encoded]
             self._pending.push(tenant, pending)
-            self._cond.notify()
+            self._cond.notify_all()  # the prepare thread, and the express thread when tenants compete
         futures = [p.future for p in pending]
         try:
             outputs = await asyncio.wait_for(asyncio.gather(*futures), timeout)
@@ -257,6 +260,9 @@ class Batcher:
     def _infer_loop(self) -> None:
         while (job := self._prepared.get()) is not None:
             batch, feeds = job
+            with self._cond:  # a light tenant's batch runs first: the machine is its own until it is done
+                while self._express_running:
+                    self._cond.wait()
             started = time.monotonic()
             with self._running_lock:
                 self._running += 1
@@ -264,32 +270,66 @@ class Batcher:
             with self._cond:
                 self._cond.notify_all()
             try:
-                results = self.scorer.results([p.encoded for p in batch], self.scorer.forward(feeds))
-            except Exception as e:
-                log.exception("inference failed for a batch of %d items", len(batch))
-                _fail(batch, e)
-                continue
+                self._run(batch, feeds, started)
             finally:
                 with self._running_lock:
                     self._running -= 1
-            seconds = time.monotonic() - started
-            self._seconds_per_item = 0.9 * self._seconds_per_item + 0.1 * seconds / len(batch)
-            for p, result in zip(batch, results, strict=True):
-                timing = Timing(queue_seconds=started - p.enqueued, infer_seconds=seconds)
-                p.loop.call_soon_threadsafe(_set_result, p.future, (result, timing))
-            if self.on_batch:
-                ids = feeds["input_ids"]
-                self.on_batch(
-                    BatchStats(
-                        items=len(batch),
-                        padded_tokens=int(ids.size),
-                        real_tokens=sum(p.encoded.tokens for p in batch),
-                        queue_seconds=sum(started - p.enqueued for p in batch) / len(batch),
-                        infer_seconds=seconds,
-                        gating_cached=len(getattr(feeds, "cached", ())),
-                        gating_computed=len(getattr(feeds, "fill", ())),
-                    )
+
+    def _express_loop(self) -> None:
+        """While tenants compete, the light tenants' items (a tenant with at most one batch waiting) run here
+        at once, beside the batches in flight, instead of queuing behind them: a flood's batches cannot be
+        interrupted, but another tenant's item need not wait for them."""
+        policy = self.scorer.policy
+        while True:
+            with self._cond:
+                while not self._stopping and not (window := self._light_window()):
+                    self._cond.wait(COMPETING_SECONDS)
+                if self._stopping:
+                    return
+                chosen = next(b for b in policy.plan([p.encoded.tokens for p in window]) if 0 in b)
+                batch = [window[i] for i in chosen]
+                self._pending.take(batch, len(window))
+                self._express_running = True
+            try:
+                self._run(batch, self.scorer.collate([p.encoded for p in batch]), time.monotonic())
+            except Exception as e:  # the collate failed (`_run` fails its own batches)
+                _fail(batch, e)
+            finally:
+                with self._cond:
+                    self._express_running = False
+                    self._cond.notify_all()
+
+    def _light_window(self) -> list[_Pending]:
+        if not self._pending.competing():
+            return []
+        most = self.scorer.policy.max_items
+        return self._pending.window(most, light=most)
+
+    def _run(self, batch: list[_Pending], feeds, started: float) -> None:
+        """One batch through the graph: its futures resolved (or failed) and its statistics reported."""
+        try:
+            results = self.scorer.results([p.encoded for p in batch], self.scorer.forward(feeds))
+        except Exception as e:
+            log.exception("inference failed for a batch of %d items", len(batch))
+            _fail(batch, e)
+            return
+        seconds = time.monotonic() - started
+        self._seconds_per_item = 0.9 * self._seconds_per_item + 0.1 * seconds / len(batch)
+        for p, result in zip(batch, results, strict=True):
+            timing = Timing(queue_seconds=started - p.enqueued, infer_seconds=seconds)
+            p.loop.call_soon_threadsafe(_set_result, p.future, (result, timing))
+        if self.on_batch:
+            self.on_batch(
+                BatchStats(
+                    items=len(batch),
+                    padded_tokens=int(feeds["input_ids"].size),
+                    real_tokens=sum(p.encoded.tokens for p in batch),
+                    queue_seconds=sum(started - p.enqueued for p in batch) / len(batch),
+                    infer_seconds=seconds,
+                    gating_cached=len(getattr(feeds, "cached", ())),
+                    gating_computed=len(getattr(feeds, "fill", ())),
                 )
+            )
 
 
 def _set_result(future: asyncio.Future, value) -> None:

@@ -75,12 +75,12 @@ class FairQueue:
         return self._size
 
     def competing(self) -> bool:
-        """Whether two or more tenants have sent items in the last `COMPETING_SECONDS` (one that sends a
-        request at a time has nothing waiting between its requests, yet competes)."""
+        """Whether two or more tenants have items waiting or sent some in the last `COMPETING_SECONDS` (one
+        that sends a request at a time has nothing waiting between its requests, yet competes)."""
         now = time.monotonic()
         for name in [n for n, at in self._recent.items() if now - at > COMPETING_SECONDS]:
             del self._recent[name]
-        return len(self._recent) > 1
+        return len(self._recent.keys() | {n for n, t in self._tenants.items() if t.items}) > 1
 
     def depth(self, tenant: str) -> int:
         t = self._tenants.get(tenant)
@@ -102,11 +102,12 @@ class FairQueue:
             t.items.append((t.finish, start, next(self._seq), item))
             self._size += 1
 
-    def window(self, n: int) -> list:
-        """The first `n` waiting items in fair order (smallest finish tag first); items whose request is gone
-        leave the queue on the way."""
+    def window(self, n: int, light: int | None = None) -> list:
+        """The first `n` waiting items in fair order (smallest finish tag first), of the tenants with at most
+        `light` items waiting if given; items whose request is gone leave the queue on the way."""
         self._drop_gone()
-        heads = (((f, seq, item) for f, _, seq, item in t.items) for t in self._tenants.values())
+        tenants = [t for t in self._tenants.values() if light is None or len(t.items) <= light]
+        heads = (((f, seq, item) for f, _, seq, item in t.items) for t in tenants)
         return [item for _, _, item in itertools.islice(heapq.merge(*heads), n)]
 
     def take(self, items: Iterable[Waiting], scanned: int) -> None:

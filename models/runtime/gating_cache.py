@@ -50,6 +50,11 @@ class GatingCache:
             self.hits += 1
             return gating
 
+    def contains(self, key: bytes) -> bool:
+        """Whether `key` is cached (not counted as a hit or a miss)."""
+        with self._lock:
+            return key in self._data
+
     def put(self, key: bytes, gating: np.ndarray) -> None:
         with self._lock:
             self._data[key] = np.array(gating, np.float32)  # a copy: the batch's output array is not kept

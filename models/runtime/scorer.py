@@ -157,6 +157,25 @@ class Scorer:
             for row, e in enumerate(batch)
         ]
 
+    def prime_gating(self, encoded: Sequence[Encoded], policy: BatchingPolicy | None = None) -> int:
+        """Put the gating weights of every distinct prompt of `encoded` not yet cached into the gating cache,
+        in passes of their own: the prompts length-sorted under the policy's budget, each beside a one-token
+        stand-in item (so the items' batches then run no prompt rows, and no prompt row is padded to an
+        unrelated prompt's length). Returns the prompts computed; does nothing when the cache is off or
+        would not hold them all."""
+        cache, policy = self.gating_cache, policy or self.policy
+        if cache is None or not policy.dedup_prompts:
+            return 0
+        prompts = list(dict.fromkeys(e.prompt_ids or () for e in encoded))
+        missing = [p for p in prompts if not cache.contains(prompt_key(p))]
+        if not missing or len(missing) > cache.max_items:
+            return 0
+        stand_in = (self.builder.pad_id,)
+        for batch in policy.plan([len(p) for p in missing]):
+            rows = [Encoded(stand_in, 0, missing[i], False) for i in batch]
+            self.forward(self.collate(rows, policy))  # `forward` puts each prompt's gating into the cache
+        return len(missing)
+
     # -- all of them -----------------------------------------------------------------------------------
 
     def score(
@@ -166,6 +185,7 @@ class Scorer:
         from tqdm import tqdm
 
         encoded = self.tokenize(items)
+        self.prime_gating(encoded, policy)
         results: list[ScoreResult | None] = [None] * len(encoded)
         with tqdm(total=len(encoded), unit="item", desc="scoring", disable=not progress) as bar:
             for indices in self.plan(encoded, policy):

@@ -53,7 +53,9 @@ def test_the_gating_cache_reuses_a_prompts_weights_and_changes_no_score(export_f
     encoded = cached.tokenize(items)
     distinct = {e.prompt_ids for e in encoded}
     assert len(cached.gating_cache) == len(distinct) < len(items)  # mixed_items share some prompts
-    assert cached.gating_cache.hits + cached.gating_cache.misses == len(items)
+    # `score` computed each distinct prompt once, in prompt-only passes, before the items' batches
+    assert cached.gating_cache.misses == len(distinct) and cached.gating_cache.hits == len(items)
+    assert cached.prime_gating(encoded) == 0  # all known now
     feeds = cached.collate(encoded)
     assert feeds["prompt_input_ids"].shape == (1, 1) and len(feeds.cached) == len(items)
     again = cached.score(items)  # every prompt known now
