@@ -9,7 +9,9 @@ it), and `bench.naive_server` (one transformers forward per request). The load g
 where installed (bench/wrk.py: C, one thread; `--client python` for this process's asyncio + httpx); it shares
 the CPU with the server either way, and `client_cpu` and `server_cpu` (cores busy) show the split.
 
-Batch statistics come from the server's /metrics, differenced over the measured window.
+Batch statistics come from the server's /metrics, differenced over the measured window. The gating cache is
+off in the server and the offline Scorer alike: the clients cycle through the same items, which a cache would
+serve without prompt passes (`bench grpo` measures the cache).
 """
 
 from __future__ import annotations
@@ -341,7 +343,7 @@ def run(args) -> list[dict]:
     records = []
     offline: dict[str, float] = {}
     for precision in args.precision:
-        scorer = Scorer(artifact, precision=precision, device="cpu", **settings)
+        scorer = Scorer(artifact, precision=precision, device="cpu", gating_cache=0, **settings)
         offline[precision] = len(items) / timed(lambda s=scorer: s.score(items), args.repeats)
         records.append(
             emit(
@@ -369,7 +371,7 @@ def run(args) -> list[dict]:
             )
         )
     for name, argv, precision in servers:
-        with Server(name, argv) as server:
+        with Server(name, argv, env={"POLYREWARD_GATING_CACHE_ITEMS": "0"}) as server:
             for clients in args.clients:
                 r = drive(server, bodies, clients, args.warmup, args.duration)
                 line = load_line(common, name, clients, r, vs_offline=offline.get(precision))

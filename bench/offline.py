@@ -92,7 +92,11 @@ def run(args) -> list[dict]:
     heldout = pair_items(heldout_pairs(args.heldout))
     settings = scorer_settings(args.config)
     torch_score, params = torch_baseline(artifact)
-    scorers = {p: Scorer(artifact, precision=p, device="cpu", **settings) for p in ("fp32", "int8")}
+    # The gating cache is off: every round scores the same items, which it would turn into no prompt pass at
+    # all (the baseline runs them every time); `bench grpo` measures the cache.
+    scorers = {
+        p: Scorer(artifact, precision=p, device="cpu", gating_cache=0, **settings) for p in ("fp32", "int8")
+    }
     tokens = sum(e.tokens for e in scorers["fp32"].tokenize(items))
     gemm = gemm_gflops()
     common = {

@@ -60,9 +60,10 @@ def run(args) -> list[dict]:
     from polyreward.models.runtime.scorer import Scorer
 
     items = rule_items(args.items)
-    scorer = Scorer(
-        artifact_path(args.artifact), precision="fp32", device="cpu", **scorer_settings(args.config)
-    )
+    scorer = Scorer(  # no gating cache: the rounds repeat the same items (bench/offline.py)
+        artifact_path(args.artifact), precision="fp32", device="cpu", gating_cache=0,
+        **scorer_settings(args.config),
+    )  # fmt: skip
     common = {"workload": "rules", "items": len(items), "cpu": cpu_model(), "cores": os.cpu_count()}
     records = []
     stripped, _ = rule_set({}, STRIP).strip(items)  # the baseline reads what the heads read with the rules on
