@@ -86,7 +86,9 @@ def test_unknown_device_or_precision_names_the_option(artifact):
 
     with pytest.raises(PolyrewardError, match="device: 'gpu' is not one of auto, cpu, cuda, tensorrt"):
         Scorer(artifact, device="gpu")
-    with pytest.raises(PolyrewardError, match="precision: 'bf16' is not one of auto, fp32, int8, fp16"):
+    with pytest.raises(
+        PolyrewardError, match="precision: 'bf16' is not one of auto, fp32, int8, int8-dynamic, fp16"
+    ):
         Scorer(artifact, precision="bf16")
 
 
