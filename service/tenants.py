@@ -7,11 +7,13 @@ tokens (Goyal et al. 1996): an item of t tokens from a tenant of weight w gets
 
     start = max(V, finish of that tenant's previous item),   finish = start + t / w
 
-where V, the virtual time, is the start tag of the first item (in this order) of the batch taken last;
-batches are formed around the item with the smallest finish tag. A tenant that floods the server therefore runs ahead only in virtual
+where V, the virtual time, is the smallest start tag among the items of the batch taken last (a
+length-sorted batch also takes items from far back in the order); batches are formed around the waiting item
+with the smallest finish tag. A tenant that floods the server therefore runs ahead only in virtual
 time: another tenant's first item is tagged near V and joins the very next batch, and two tenants that both
 keep the queue full get tokens in proportion to their weights. A tenant over its queue quota gets 429 with
-Retry-After; the others are still admitted.
+Retry-After; the others are still admitted. While tenants compete (`FairQueue.competing`), the batcher also
+runs the light tenants' items at once on its express thread (`polyreward.service.batcher`).
 """
 
 from __future__ import annotations
