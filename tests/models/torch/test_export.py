@@ -218,3 +218,25 @@ def test_external_data_is_gathered_into_one_aligned_file(export_family, tmp_path
     assert not any(
         uses_external_data(t) for t in all_tensors(onnx.load(str(graph), load_external_data=False))
     )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decoder_int8_keeps_the_ranking_and_does_not_depend_on_the_batch(
+    family, backbone_dirs, random_heads, mixed_items, tmp_path
+):
+    """The per-row int8 pass on a decoder graph (no fused Attention to rewrite: only the MatMuls)."""
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(backbone_dirs[family]).hidden_size
+    heads = random_heads(tmp_path / "heads.safetensors", hidden)
+    options = ExportOptions(precisions=("fp32", "int8"), max_length=1024, name=f"int8-{family}")
+    export_artifact(backbone_dirs[family], heads, tmp_path / "artifact", options)
+    items = mixed_items[:48]
+    fp32 = [r.score for r in Scorer(tmp_path / "artifact", precision="fp32", device="cpu").score(items)]
+    int8 = Scorer(tmp_path / "artifact", precision="int8", device="cpu")
+    together = [r.score for r in int8.score(items)]
+    assert spearmanr(fp32, together)[0] > 0.99
+    alone = [int8.score([it])[0].score for it in items[:8]]
+    assert np.abs(np.array(alone) - together[:8]).max() <= 1e-5
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "artifact" / "model.int8.onnx")).graph.node]
+    assert "MatMulIntegerToFloat" in ops and "DynamicQuantizeLinear" not in ops
