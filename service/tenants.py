@@ -106,9 +106,10 @@ class FairQueue:
 
     def window(self, n: int, light: int | None = None) -> list:
         """The first `n` waiting items in fair order (smallest finish tag first), of the tenants with at most
-        `light` items waiting if given; items whose request is gone leave the queue on the way."""
-        self._drop_gone()
+        `light` items waiting if given; their items whose request is gone leave the queue on the way (the
+        express thread's light window then scans a few items, not a flood's thousands)."""
         tenants = [t for t in self._tenants.values() if light is None or len(t.items) <= light]
+        self._drop_gone(tenants)
         heads = (((f, seq, item) for f, _, seq, item in t.items) for t in tenants)
         return [item for _, _, item in itertools.islice(heapq.merge(*heads), n)]
 
@@ -127,8 +128,8 @@ class FairQueue:
         self._virtual = max(self._virtual, min(starts, default=self._virtual))
         self._forget_idle()
 
-    def _drop_gone(self) -> None:
-        for t in self._tenants.values():
+    def _drop_gone(self, tenants: list[_Tenant]) -> None:
+        for t in tenants:
             if any(entry[3].gone() for entry in t.items):
                 kept = deque(e for e in t.items if not e[3].gone())
                 self._size -= len(t.items) - len(kept)

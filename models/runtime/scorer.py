@@ -99,6 +99,7 @@ class Scorer:
         cacheable = "prompt_input_ids" in self.input_names and self.manifest.transform is not None
         self.gating_cache = GatingCache(gating_cache) if cacheable and gating_cache > 0 else None
         self._transform = np.array(self.manifest.transform or [], np.float32)
+        self._stand_in = (self.builder.pad_id,)  # the one-token prompt of an item whose gating is cached
 
     @property
     def objectives(self) -> list[str]:
@@ -126,14 +127,13 @@ class Scorer:
         cached: dict[int, np.ndarray] = {}
         fill: dict[int, bytes] = {}
         if self.gating_cache is not None and dedup:
-            stand_in = (self.builder.pad_id,)
             batch = list(batch)
             for row, e in enumerate(batch):
                 key = prompt_key(e.prompt_ids or ())
                 if (gating := self.gating_cache.get(key)) is None:
                     fill[row] = key
                 else:
-                    cached[row], batch[row] = gating, replace(e, prompt_ids=stand_in)
+                    cached[row], batch[row] = gating, replace(e, prompt_ids=self._stand_in)
         arrays = collate(
             batch,
             kind=self.builder.kind,
@@ -170,9 +170,8 @@ class Scorer:
         missing = [p for p in prompts if not cache.contains(prompt_key(p))]
         if not missing or len(missing) > cache.max_items:
             return 0
-        stand_in = (self.builder.pad_id,)
         for batch in policy.plan([len(p) for p in missing]):
-            rows = [Encoded(stand_in, 0, missing[i], False) for i in batch]
+            rows = [Encoded(self._stand_in, 0, missing[i], False) for i in batch]
             self.forward(self.collate(rows, policy))  # `forward` puts each prompt's gating into the cache
         return len(missing)
 
