@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from bench.common import (
@@ -329,6 +330,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def offline_rate(scorer, items: list, repeats: int) -> float:
+    """The offline Scorer's items/s on `items` (median of `repeats` passes)."""
+    return len(items) / timed(lambda: scorer.score(items), repeats)
+
+
 def run(args) -> list[dict]:
     from polyreward.models.runtime.scorer import Scorer
 
@@ -341,43 +347,31 @@ def run(args) -> list[dict]:
         "cores": os.cpu_count(), "settings": settings or "defaults",
     }  # fmt: skip
     records = []
-    offline: dict[str, float] = {}
-    for precision in args.precision:
-        scorer = Scorer(artifact, precision=precision, device="cpu", gating_cache=0, **settings)
-        offline[precision] = len(items) / timed(lambda s=scorer: s.score(items), args.repeats)
-        records.append(
-            emit(
-                {
-                    **common,
-                    "engine": f"offline-scorer-{precision}",
-                    "items_per_s": round(offline[precision], 2),
-                },
-                args.json,
-            )
-        )
-        del scorer
-        gc.collect()
     from bench import wrk
 
     client = args.client or ("wrk" if wrk.available() else "python")
     drive = wrk.run_load if client == "wrk" else run_load
     servers = [(f"service-{p}", serve_argv(artifact, p, args.config), p) for p in args.precision]
     if args.naive:
-        servers.append(
-            (
-                "naive-fastapi-torch",
-                [sys.executable, "-m", "bench.naive_server", "--artifact", str(artifact)],
-                "fp32",
-            )
-        )
+        naive_argv = [sys.executable, "-m", "bench.naive_server", "--artifact", str(artifact)]
+        servers.append(("naive-fastapi-torch", naive_argv, "fp32"))
     for name, argv, precision in servers:
+        scorer = Scorer(artifact, precision=precision, device="cpu", gating_cache=0, **settings)
+        offline = partial(offline_rate, scorer, items, args.repeats)
         with Server(name, argv, env={"POLYREWARD_GATING_CACHE_ITEMS": "0"}) as server:
             for clients in args.clients:
+                # The baseline right before and right after each load run (the server idle meanwhile), their
+                # mean the ratio's denominator: on a shared machine the speed drifts within a minute.
+                before = offline()
                 r = drive(server, bodies, clients, args.warmup, args.duration)
-                line = load_line(common, name, clients, r, vs_offline=offline.get(precision))
-                line["client"] = client
+                after = offline()
+                base = (before + after) / 2
+                line = load_line(common, name, clients, r, vs_offline=base)
+                line |= {"client": client, "offline_items_per_s": [round(before, 2), round(after, 2)]}
                 line["server_peak_rss_mb"] = round(peak_rss_mb(server.proc.pid) or 0)
                 records.append(emit(line, args.json))
+        del scorer
+        gc.collect()
     return records
 
 

@@ -178,7 +178,9 @@ def write_report(records: list[dict], out: Path, args, seconds: float) -> None:
             "flood is queued (bench/tenants.py). p99_vs_alone: the probe's p99 latency under the flood over its "
             "p99 alone; fifo_wait_s: how long a first-come-first-served queue would have kept each probe behind "
             "the flood (queued items / the flood's items/s); probes_after_flood: probe requests that ended only "
-            "after the whole flood. tenant_token_budget: the batch budget while tenants compete.",
+            "after the whole flood. tenant_token_budget: the batch budget while tenants compete. The batches "
+            "run at nice 19 and the probe's on the express lane's own session (README, tenants); "
+            "flood_items_per_s is the flood's rate while the probe, sending back to back, takes its token share.",
             "",
             table(rows, TENANT_COLUMNS),
             "",
@@ -191,7 +193,8 @@ def write_report(records: list[dict], out: Path, args, seconds: float) -> None:
             f"a 3 s warm-up; the load generator ({next((r['client'] for r in rows if 'client' in r), 'python')}: wrk is C, one thread; python "
             "is asyncio + httpx in the benchmark's process) runs on the same cores as the server, and client_cpu "
             "beside server_cpu shows what it took. "
-            "vs_offline is items/s over the offline Scorer's on the same items and precision.",
+            "vs_offline is items/s over the offline Scorer's on the same items and precision, measured right "
+            "before and right after that load run (their mean; offline_items_per_s in the JSON lines).",
             "",
             table(rows, SERVICE_COLUMNS),
             "",

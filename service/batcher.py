@@ -31,6 +31,7 @@ from polyreward.models.runtime.builder import Encoded
 from polyreward.models.runtime.items import Item
 from polyreward.models.runtime.manifest import Truncation
 from polyreward.models.runtime.scorer import Scorer, ScoreResult
+from polyreward.models.runtime.session import lower_priority
 from polyreward.service.tenants import COMPETING_SECONDS, DEFAULT_TENANT, FairQueue, TenantPolicy
 
 log = logging.getLogger("polyreward.batcher")
@@ -98,6 +99,7 @@ class Batcher:
         tenants: dict[str, TenantPolicy] | None = None,
         contended_token_budget: int | None = None,
         express: bool = True,
+        nice: int = 0,
         on_batch: Callable[[BatchStats], None] | None = None,
     ):
         self.scorer = scorer
@@ -116,6 +118,11 @@ class Batcher:
         # last one, so it is formed from everything that arrived meanwhile (fuller, better-sorted batches).
         self._slot = threading.Semaphore(workers)
         self._express_running = False  # a light tenant's batch is running (`_express_loop`)
+        # With `nice`, batches run at a lower priority than request handling, and the express lane on a session
+        # of its own at the process's priority: a light tenant's batch then gets the cores it needs at once
+        # instead of sharing them evenly with the flood's batches already running.
+        self.nice = nice
+        self._express_session = scorer.second_session() if express and nice else None
         self._running = 0  # batches in inference; the device is busy when every worker runs one
         self._running_lock = threading.Lock()
         self._stopping = False
@@ -258,10 +265,11 @@ class Batcher:
             self._prepared.put(None)
 
     def _infer_loop(self) -> None:
+        lower_priority(self.nice)
         while (job := self._prepared.get()) is not None:
             batch, feeds = job
             with self._cond:  # a light tenant's batch runs first: the machine is its own until it is done
-                while self._express_running:
+                while self._express_running and self._express_session is None:
                     self._cond.wait()
             started = time.monotonic()
             with self._running_lock:
@@ -291,7 +299,8 @@ class Batcher:
                 self._pending.take(batch, len(window))
                 self._express_running = True
             try:
-                self._run(batch, self.scorer.collate([p.encoded for p in batch]), time.monotonic())
+                feeds = self.scorer.collate([p.encoded for p in batch])
+                self._run(batch, feeds, time.monotonic(), self._express_session)
             except Exception as e:  # the collate failed (`_run` fails its own batches)
                 _fail(batch, e)
             finally:
@@ -305,10 +314,12 @@ class Batcher:
         most = self.scorer.policy.max_items
         return self._pending.window(most, light=most)
 
-    def _run(self, batch: list[_Pending], feeds, started: float) -> None:
-        """One batch through the graph: its futures resolved (or failed) and its statistics reported."""
+    def _run(self, batch: list[_Pending], feeds, started: float, session=None) -> None:
+        """One batch through the graph (on `session`, default the scorer's): its futures resolved (or failed)
+        and its statistics reported."""
         try:
-            results = self.scorer.results([p.encoded for p in batch], self.scorer.forward(feeds))
+            outputs = self.scorer.forward(feeds, session)
+            results = self.scorer.results([p.encoded for p in batch], outputs)
         except Exception as e:
             log.exception("inference failed for a batch of %d items", len(batch))
             _fail(batch, e)

@@ -91,7 +91,7 @@ class Registry:
         scorer = Scorer(
             path, precision=s.precision, device=device, token_budget=s.token_budget,
             max_batch_items=s.max_batch_items, threads=run.threads, spin=run.spin,
-            gating_cache=s.gating_cache_items,
+            nice=run.nice, gating_cache=s.gating_cache_items,
         )  # fmt: skip
         name = scorer.manifest.name
         self.rules.check(scorer.objectives)
@@ -102,7 +102,8 @@ class Registry:
             )
         batcher = Batcher(
             scorer, max_queue_items=s.max_queue_items, max_wait=s.max_wait_ms / 1000, workers=run.workers,
-            tenants=s.tenants, contended_token_budget=s.tenant_token_budget, on_batch=self.metrics.on_batch(name),
+            tenants=s.tenants, contended_token_budget=s.tenant_token_budget, nice=run.nice,
+            on_batch=self.metrics.on_batch(name),
         )  # fmt: skip
         batcher.start()
         scorer.score([PromptItem(prompt="warm up", response="ok")])  # the first run allocates; not a user's

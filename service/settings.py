@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     spin: bool | None = Field(
         None, description="ONNX Runtime threads spin while idle [off with 2+ CPU workers]"
     )
+    batch_nice: int | None = Field(
+        None, ge=0, le=19, description="nice value of the threads that run batches (Linux; request handling "
+        "and light tenants' batches keep the process's) [19 on CPU, 0 on GPU]",
+    )  # fmt: skip
     profiles: Path | None = Field(
         None, description="reward profiles file (YAML): named recipes and the default one (README, profiles)"
     )
@@ -93,7 +97,7 @@ class Settings(BaseSettings):
 
     def execution(self, device: str) -> Execution:
         """How batches run on `device`: these settings, or the measured defaults (`execution`)."""
-        return execution(device, self.workers, self.threads, self.spin)
+        return execution(device, self.workers, self.threads, self.spin, self.batch_nice)
 
 
 @dataclass(frozen=True)
@@ -101,22 +105,29 @@ class Execution:
     workers: int  # inference threads, each running one batch at a time on the shared session
     threads: int | None  # ONNX Runtime intra-op threads per batch (None: ORT's default)
     spin: bool | None  # ONNX Runtime threads spin while idle (None: ORT's default)
+    nice: int = 0  # nice value of the threads that run batches (their ORT threads included)
 
 
 def execution(
-    device: str, workers: int | None = None, threads: int | None = None, spin: bool | None = None
+    device: str,
+    workers: int | None = None,
+    threads: int | None = None,
+    spin: bool | None = None,
+    nice: int | None = None,
 ) -> Execution:
     """How batches run on `device`, each value given or its measured default.
 
     On a CPU: two batches side by side, each free to use every core, threads parked rather than spinning
     (measured on 2 cores under 64 single-item clients: 0.84-0.93x the offline Scorer's items/s, against 0.74x
-    for one batch at a time, while one client alone keeps its latency). On a GPU: one batch at a time.
+    for one batch at a time, while one client alone keeps its latency), at nice 19 so that request handling and
+    light tenants' batches go first (docs/performance.md, tenants). On a GPU: one batch at a time.
     """
     cpu = device == "cpu"
     workers = workers or (2 if cpu else 1)
     threads = threads or (available_cpus() if cpu else None)
     spin = spin if spin is not None else (False if cpu and workers > 1 else None)
-    return Execution(workers, threads, spin)
+    nice = nice if nice is not None else (19 if cpu else 0)
+    return Execution(workers, threads, spin, nice)
 
 
 def available_cpus() -> int:

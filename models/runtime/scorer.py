@@ -63,7 +63,8 @@ class Scorer:
     when the artifact has it, else fp32). device: "auto" uses CUDA when onnxruntime-gpu sees a GPU, else the
     CPU; a GPU provider that was asked for but is not the one the session runs on is reported loudly
     (`fallback` is then True). token_budget / max_batch_items: the default `policy`
-    (`BatchingPolicy.for_device`). threads / spin: ONNX Runtime's intra-op threads and spinning.
+    (`BatchingPolicy.for_device`). threads / spin / nice: ONNX Runtime's intra-op threads, their spinning and
+    their nice value (`polyreward.models.runtime.session.create_session`).
     gating_cache: prompts whose gating weights are remembered across batches and calls
     (`polyreward.models.runtime.gating_cache`; encoder models with a recorded transform; 0: off).
     """
@@ -78,6 +79,7 @@ class Scorer:
         max_batch_items: int | None = None,
         threads: int | None = None,
         spin: bool | None = None,
+        nice: int = 0,
         gating_cache: int = DEFAULT_ITEMS,
     ):
         from transformers import PreTrainedTokenizerFast  # not AutoTokenizer: that imports torch when present
@@ -90,8 +92,9 @@ class Scorer:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(self.artifact / TOKENIZER_DIR)
         self.builder = InputBuilder(tokenizer, self.manifest.backbone.kind, self.manifest.input)
         self.policy = BatchingPolicy.for_device(self.device, token_budget, max_batch_items)
-        graph = self.artifact / self.manifest.graphs[self.precision].file
-        self.session = create_session(graph, self.device, threads=threads, spin=spin)
+        self._graph = self.artifact / self.manifest.graphs[self.precision].file
+        self._threads, self._spin = threads, spin
+        self.session = create_session(self._graph, self.device, threads=threads, spin=spin, nice=nice)
         self.providers: list[str] = self.session.get_providers()
         self.fallback = falls_back(self.session, self.device)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -143,9 +146,16 @@ class Scorer:
         )
         return Feeds({name: arrays[name] for name in self.input_names}, cached, fill)
 
-    def forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Collated inputs through the graph: {rewards [N,K], gating [N,K], score [N], uncertainty? [N,K]}."""
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+    def second_session(self):
+        """Another session on the same graph, threads and spinning, at the process's own priority (a server's
+        express lane runs on it while the batches run on `session` at a lower one)."""
+        return create_session(self._graph, self.device, threads=self._threads, spin=self._spin)
+
+    def forward(self, feeds: dict[str, np.ndarray], session=None) -> dict[str, np.ndarray]:
+        """Collated inputs through the graph (on `session`, default the scorer's own):
+        {rewards [N,K], gating [N,K], score [N], uncertainty? [N,K]}."""
+        run = (session or self.session).run
+        outputs = dict(zip(self.output_names, run(self.output_names, feeds), strict=True))
         if self.gating_cache is not None and isinstance(feeds, Feeds):
             outputs = apply(self.gating_cache, feeds, outputs, self._transform)
         return outputs

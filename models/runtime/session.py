@@ -6,8 +6,11 @@ Every ORT session polyreward opens (the scorer, featurization's embedder, the ex
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import threading
 from collections.abc import Iterable
 from typing import Literal
 
@@ -56,12 +59,14 @@ def create_session(
     threads: int | None = None,
     spin: bool | None = None,
     optimize: bool = True,
+    nice: int = 0,
 ):
     """An `onnxruntime.InferenceSession` on `device`'s providers (those this onnxruntime build has).
 
     threads / spin: intra-op threads (default: one per core) and whether they spin while waiting for work
-    (default: ORT's, on). optimize=False runs the graph exactly as written (export checks). A provider that was
-    asked for but is not the one the session really runs on is logged loudly: scoring works, but slowly.
+    (default: ORT's, on). optimize=False runs the graph exactly as written (export checks). nice: the nice
+    value of the intra-op threads the session starts (`lower_priority`; 0: the process's own). A provider that
+    was asked for but is not the one the session really runs on is logged loudly: scoring works, but slowly.
     """
     import onnxruntime as ort
 
@@ -74,7 +79,11 @@ def create_session(
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     available = ort.get_available_providers()
     requested = PROVIDERS[device]
+    before = _threads()
     session = ort.InferenceSession(str(graph), options, providers=[p for p in requested if p in available])
+    if nice:  # ORT starts its intra-op pool with the session: the threads that appeared meanwhile
+        for tid in _threads() - before:
+            lower_priority(nice, tid)
     if falls_back(session, device):
         log.warning(
             "!!! %s was requested but the session runs on %s (available here: %s). Scoring works but is "
@@ -87,3 +96,26 @@ def create_session(
 def falls_back(session, device: str) -> bool:
     """True when the session does not run on the first provider `device` asks for."""
     return session.get_providers()[0] != PROVIDERS[device][0]
+
+
+def lower_priority(nice: int, tid: int | None = None) -> None:
+    """Raise thread `tid`'s nice value (default: the calling thread's) to `nice`, never lowering it.
+
+    On Linux a thread has a nice value of its own, so a server runs its batches at a low priority while its
+    event loop, tokenizers and express lane keep the process's: under a flood a light request's work is not
+    shared out evenly with the flood's (`polyreward.service.batcher`). Raising it needs no privilege; elsewhere
+    this does nothing.
+    """
+    if not nice or not sys.platform.startswith("linux"):
+        return
+    tid = tid or threading.get_native_id()
+    with contextlib.suppress(OSError):  # the thread has ended meanwhile
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+
+
+def _threads() -> set[int]:
+    """The native ids of this process's threads (Linux; elsewhere none)."""
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()

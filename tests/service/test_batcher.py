@@ -49,7 +49,7 @@ def test_concurrent_single_item_requests_are_batched_and_match_offline(scorer, m
 def test_queue_cap_rejects_the_excess_with_retry_after_and_serves_the_rest(scorer, mixed_items, monkeypatch):
     gate = threading.Event()  # holds the device busy until the whole burst has arrived
     real_forward = scorer.forward
-    monkeypatch.setattr(scorer, "forward", lambda feeds: (gate.wait(30), real_forward(feeds))[1])
+    monkeypatch.setattr(scorer, "forward", lambda feeds, session=None: (gate.wait(30), real_forward(feeds, session))[1])
 
     async def burst(batcher):
         tasks = [asyncio.ensure_future(batcher.score([it])) for it in mixed_items[:40]]
@@ -84,11 +84,11 @@ def test_an_inference_error_fails_only_its_batch(scorer, mixed_items, monkeypatc
     calls = {"n": 0}
     real_forward = scorer.forward
 
-    def flaky(feeds):
+    def flaky(feeds, session=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("device lost")
-        return real_forward(feeds)
+        return real_forward(feeds, session)
 
     monkeypatch.setattr(scorer, "forward", flaky)
 
@@ -105,7 +105,7 @@ def test_an_inference_error_fails_only_its_batch(scorer, mixed_items, monkeypatc
 def test_stop_finishes_queued_work(scorer, mixed_items, monkeypatch):
     gate = threading.Event()
     real_forward = scorer.forward
-    monkeypatch.setattr(scorer, "forward", lambda feeds: (gate.wait(30), real_forward(feeds))[1])
+    monkeypatch.setattr(scorer, "forward", lambda feeds, session=None: (gate.wait(30), real_forward(feeds, session))[1])
 
     async def scenario(batcher):
         tasks = [asyncio.ensure_future(batcher.score([it])) for it in mixed_items[:20]]
@@ -127,13 +127,13 @@ def test_two_workers_run_batches_side_by_side(scorer, mixed_items, monkeypatch):
     lock = threading.Lock()
     real_forward = scorer.forward
 
-    def infer(feeds):
+    def infer(feeds, session=None):
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
         try:
-            return real_forward(feeds)
+            return real_forward(feeds, session)
         finally:
             with lock:
                 running -= 1

@@ -4,6 +4,8 @@ on a real artifact), and a quota's 429 hits only the tenant over it (the app in 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -83,11 +85,24 @@ def test_tenant_names_come_from_keys_or_the_header():
     assert [label(t) for t in ("named", "x", "y", "z", "x")] == ["named", "x", "y", "other", "x"]
 
 
+def _nice_values(batcher: Batcher) -> dict[str, int]:
+    return {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id) for t in batcher._threads}
+
+
 @pytest.mark.slow
-def test_another_tenants_item_does_not_wait_behind_a_flood(export_family, mixed_items):
+@pytest.mark.parametrize("nice", [0, 19])
+def test_another_tenants_item_does_not_wait_behind_a_flood(export_family, mixed_items, nice):
+    """With `nice` (a CPU server's default) the batches run at a lower priority and the probe on the express
+    lane's own session; without it the probe shares the session and the workers wait for it."""
     scorer = Scorer(export_family("minilm"), precision="fp32", device="cpu", max_batch_items=16)
-    batcher = Batcher(scorer, workers=1)
+    batcher = Batcher(scorer, workers=1, nice=nice)
     batcher.start()
+    if nice and sys.platform.startswith("linux"):
+        deadline = time.monotonic() + 5  # the infer thread lowers its own priority as it starts
+        while (threads := _nice_values(batcher))["infer-0"] != 19 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert threads["infer-0"] == 19 and threads["express"] < 19 and threads["prepare"] < 19
+    assert (batcher._express_session is not None) == bool(nice)
 
     async def main():
         flood = asyncio.ensure_future(batcher.score_timed(mixed_items * 4, tenant="flood"))  # 256 items

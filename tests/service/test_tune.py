@@ -67,7 +67,8 @@ def test_threads_follow_the_container_cpu_limit(tmp_path, monkeypatch):
 
 def test_execution_defaults_follow_the_device():
     cpu, gpu = execution("cpu"), execution("cuda")
-    assert (cpu.workers, cpu.threads, cpu.spin) == (2, available_cpus(), False)
-    assert (gpu.workers, gpu.threads, gpu.spin) == (1, None, None)
+    assert (cpu.workers, cpu.threads, cpu.spin, cpu.nice) == (2, available_cpus(), False, 19)
+    assert (gpu.workers, gpu.threads, gpu.spin, gpu.nice) == (1, None, None, 0)
     assert execution("cpu", workers=1).spin is None  # one worker alone may spin (ORT's default)
     assert Settings(workers=3, spin=True).execution("cpu") == execution("cpu", 3, None, True)
+    assert Settings(batch_nice=0).execution("cpu").nice == 0

@@ -3,14 +3,19 @@ deduplication nor the gating cache changes a score."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from polyreward.models.runtime.batching import BatchingPolicy
 from polyreward.models.runtime.gating_cache import GatingCache, prompt_key
 from polyreward.models.runtime.items import PromptItem
 from polyreward.models.runtime.scorer import Scorer
+from polyreward.models.runtime.session import create_session
 
 
 def test_the_policy_follows_the_device_and_a_call_may_replace_it(export_family, mixed_items):
@@ -80,3 +85,26 @@ def test_the_baseline_without_deduplication_bypasses_the_cache(export_family):
     each = replace(scorer.policy, dedup_prompts=False)
     feeds = scorer.collate(scorer.tokenize(group), each)
     assert len(feeds["prompt_input_ids"]) == 2 and not feeds.cached
+
+
+def _nice(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_a_low_priority_session_lowers_only_its_own_threads(export_family, mixed_items):
+    """`nice` lowers the priority of the intra-op threads the session starts, not the caller's; the second
+    session (a server's express lane) keeps the process's, and both score the same."""
+    scorer = Scorer(export_family("minilm"), precision="fp32", device="cpu", threads=2)
+    tasks = lambda: {int(t) for t in os.listdir("/proc/self/task")}  # noqa: E731
+    mine, before = _nice(threading.get_native_id()), tasks()
+    low = create_session(scorer._graph, "cpu", threads=3, nice=7)
+    pool = tasks() - before
+    assert len(pool) == 2 and all(_nice(t) == max(7, mine) for t in pool)  # 3 threads: the caller and 2
+    assert _nice(threading.get_native_id()) == mine
+    before = tasks()
+    second = scorer.second_session()
+    assert all(_nice(t) == mine for t in tasks() - before)
+    feeds = scorer.collate(scorer.tokenize(mixed_items[:8]))
+    ours, theirs = scorer.forward(feeds, low), scorer.forward(feeds, second)
+    assert np.abs(ours["score"] - theirs["score"]).max() <= 1e-6
