@@ -1,4 +1,4 @@
-"""The model commands: `polyreward export`, `import-armorm` and `check-parity` (registered as entry points).
+"""The model commands: `polyreward export`, `import-armorm`, `import-hf` and `check-parity` (registered as entry points).
 
 Each needs the `train` extra (torch); imports of the torch side happen inside the commands, so `--help` and
 the rest of the CLI stay fast and work on a serving install.
@@ -18,6 +18,16 @@ from polyreward.models.runtime.manifest import PRECISIONS, Manifest
 
 Out = Annotated[Path, typer.Option(help="artifact directory to create")]
 Overwrite = Annotated[bool, typer.Option(help="replace --out if it exists")]
+ImportPrecision = Annotated[
+    str,
+    typer.Option(
+        help="comma-separated graphs: fp16 (GPU serving; traced in half precision, no fp32 copy), "
+        "fp32 (CPU, exact), int8, int8-dynamic"
+    ),
+]
+CheckpointName = Annotated[
+    str | None, typer.Option(help="model name" + default_is("the checkpoint directory name"))
+]
 
 
 class Exporter(str, Enum):
@@ -128,19 +138,11 @@ def import_armorm(
         ),
     ],
     out: Out,
-    precision: Annotated[
-        str,
-        typer.Option(
-            help="comma-separated graphs: fp16 (GPU serving; traced in half precision, no fp32 copy), "
-            "fp32 (CPU, exact), int8, int8-dynamic"
-        ),
-    ] = "fp32",
+    precision: ImportPrecision = "fp32",
     max_length: Annotated[
         int | None, typer.Option(help="tokens per conversation" + default_is("the model's context, 8192"))
     ] = None,
-    name: Annotated[
-        str | None, typer.Option(help="model name" + default_is("the checkpoint directory name"))
-    ] = None,
+    name: CheckpointName = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Import RLHFlow/ArmoRM-Llama3-8B-v0.1 (or a checkpoint in its layout) without trust_remote_code.
@@ -158,6 +160,54 @@ def import_armorm(
         overwrite=overwrite,  # type: ignore[arg-type]
     )
     report_sizes(out, run_import(checkpoint, out, options))
+
+
+def import_hf(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="local *ForSequenceClassification checkpoint (Hugging Face layout, safetensors), e.g. a hub "
+            "snapshot of Skywork/Skywork-Reward-V2-Llama-3.1-8B"
+        ),
+    ],
+    out: Out,
+    objective: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME",
+            help="objective name per label, in label order (repeat for several)"
+            + default_is("config.json's id2label; one generic LABEL_0 becomes 'reward'"),
+        ),
+    ] = None,
+    precision: ImportPrecision = "fp32",
+    max_length: Annotated[
+        int | None,
+        typer.Option(help="tokens per conversation" + default_is("the model's context, at most 16384")),
+    ] = None,
+    padding_side: Annotated[
+        PaddingSide | None, typer.Option(help="how batches are padded" + default_is("left"))
+    ] = None,
+    name: CheckpointName = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Import a Hugging Face reward model (Llama, Mistral, Qwen2, Qwen3, Gemma2 *ForSequenceClassification)
+    without trust_remote_code.
+
+    Each label becomes an objective: its reward is the checkpoint's logit for that label at the last real
+    token, rendered with the checkpoint's own chat template; the score is the mean of the labels' rewards
+    (one label: the logit itself).
+    """
+    from polyreward.models.torch.export import ExportOptions
+    from polyreward.models.torch.hf_import import import_hf as run_import
+
+    options = ExportOptions(
+        precisions=precisions(precision),  # type: ignore[arg-type]
+        name=name,
+        max_length=max_length,
+        padding_side=padding_side.value if padding_side else None,
+        overwrite=overwrite,
+    )
+    report_sizes(out, run_import(checkpoint, out, options, objectives=objective or None))
 
 
 def check_parity(

@@ -80,7 +80,7 @@ def read_config(checkpoint: Path):
     return config, armo
 
 
-def _tensor_files(checkpoint: Path) -> dict[str, Path]:
+def tensor_files(checkpoint: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from `model.safetensors.index.json` or the lone `model.safetensors`."""
     index = checkpoint / "model.safetensors.index.json"
     if index.is_file():
@@ -102,7 +102,7 @@ def read_heads(checkpoint: Path, config, armo: dict) -> RewardHeads:
     """The regression layer, gating network and transform as float32 `RewardHeads`, shapes checked."""
     from safetensors import safe_open
 
-    files = _tensor_files(checkpoint)
+    files = tensor_files(checkpoint)
     k, d = int(armo["num_objectives"]), config.hidden_size
     gating = GatingConfig(
         temperature=armo["gating_temperature"],

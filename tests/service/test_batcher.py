@@ -49,7 +49,9 @@ def test_concurrent_single_item_requests_are_batched_and_match_offline(scorer, m
 def test_queue_cap_rejects_the_excess_with_retry_after_and_serves_the_rest(scorer, mixed_items, monkeypatch):
     gate = threading.Event()  # holds the device busy until the whole burst has arrived
     real_forward = scorer.forward
-    monkeypatch.setattr(scorer, "forward", lambda feeds, session=None: (gate.wait(30), real_forward(feeds, session))[1])
+    monkeypatch.setattr(
+        scorer, "forward", lambda feeds, session=None: (gate.wait(30), real_forward(feeds, session))[1]
+    )
 
     async def burst(batcher):
         tasks = [asyncio.ensure_future(batcher.score([it])) for it in mixed_items[:40]]
@@ -105,7 +107,9 @@ def test_an_inference_error_fails_only_its_batch(scorer, mixed_items, monkeypatc
 def test_stop_finishes_queued_work(scorer, mixed_items, monkeypatch):
     gate = threading.Event()
     real_forward = scorer.forward
-    monkeypatch.setattr(scorer, "forward", lambda feeds, session=None: (gate.wait(30), real_forward(feeds, session))[1])
+    monkeypatch.setattr(
+        scorer, "forward", lambda feeds, session=None: (gate.wait(30), real_forward(feeds, session))[1]
+    )
 
     async def scenario(batcher):
         tasks = [asyncio.ensure_future(batcher.score([it])) for it in mixed_items[:20]]

@@ -8,11 +8,13 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModel,
+    AutoModelForSequenceClassification,
     Gemma2Config,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from polyreward.models.runtime.objectives import Objective
@@ -143,12 +145,12 @@ DECODER_FAMILIES = ["llama", "qwen2", "mistral", "gemma2"]
 SLIDING_WINDOW = 16
 
 
-def tiny_decoder(out: Path, family: str) -> Path:
-    """Save a randomly initialised 2-layer decoder (hidden 64) of `family` with its tokenizer into `out`.
+def tiny_config(family: str):
+    """(config, tokenizer) of a randomly initialised 2-layer decoder (hidden 64) of `family`.
 
-    Families: llama (Llama 3 template, no pad token), qwen2 (ChatML), mistral ([INST] template, no pad token,
-    sliding window) and gemma2 (<start_of_turn> template; layers alternate sliding and full attention,
-    attention logits soft-capped, embeddings scaled by sqrt(hidden)).
+    Families: llama (Llama 3 template, no pad token), qwen2 and qwen3 (ChatML; qwen3 normalizes q and k),
+    mistral ([INST] template, no pad token, sliding window) and gemma2 (<start_of_turn> template; layers
+    alternate sliding and full attention, attention logits soft-capped, embeddings scaled by sqrt(hidden)).
     """
     common = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -157,9 +159,9 @@ def tiny_decoder(out: Path, family: str) -> Path:
     if family == "llama":
         tok = llama3_tokenizer()
         config = LlamaConfig(vocab_size=len(tok), **common)
-    elif family == "qwen2":
+    elif family in ("qwen2", "qwen3"):
         tok = chatml_tokenizer()
-        config = Qwen2Config(vocab_size=len(tok), **common)
+        config = (Qwen2Config if family == "qwen2" else Qwen3Config)(vocab_size=len(tok), **common)
     elif family == "mistral":
         tok = mistral_tokenizer()
         config = MistralConfig(vocab_size=len(tok), head_dim=16, sliding_window=SLIDING_WINDOW, **common)
@@ -174,9 +176,38 @@ def tiny_decoder(out: Path, family: str) -> Path:
             **common,
         )  # fmt: skip
     else:
-        raise ValueError(f"unknown decoder family {family!r}; choose from {', '.join(DECODER_FAMILIES)}")
+        raise ValueError(
+            f"unknown decoder family {family!r}; choose from {', '.join(DECODER_FAMILIES)}, qwen3"
+        )
+    return config, tok
+
+
+def tiny_decoder(out: Path, family: str) -> Path:
+    """Save a random tiny decoder backbone of `family` (`tiny_config`) with its tokenizer into `out`."""
+    config, tok = tiny_config(family)
     torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_classifier(out: Path, family: str, labels: list[str] | None = None) -> Path:
+    """Save a random tiny `*ForSequenceClassification` of `family` into `out`: one generic label, or `labels`
+    as its id2label. Its `score` layer is scaled up, so rewards differ by more than the parity tolerance."""
+    config, tok = tiny_config(family)
+    if labels:
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {n: i for i, n in enumerate(labels)}
+    else:
+        config.num_labels = 1
+    if config.pad_token_id is None and tok.pad_token_id is not None:
+        config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        model.score.weight.mul_(20.0)
+    model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
