@@ -7,6 +7,7 @@ grpo           64 prompts × 8 responses: no dedup, dedup, the gating cache, and
 service        `polyreward serve` under 1/8/64/256 concurrent single-item clients vs the offline Scorer
 rescore        `polyreward rescore` rows/s, local and remote engines
 export-memory  peak RSS of exporting a large decoder
+long           one decoder item of 1k-16k tokens: time and peak RSS, chunked attention vs eager graph vs PyTorch
 decoder        Llama-3-8B-shaped fp16 decoder, CUDA EP vs PyTorch eager (a GPU machine)
 tenants        one tenant floods the server with 10,000 items: another tenant's single-item latency vs alone
 rules          what each rule objective adds per item, vs the model alone on the same items
@@ -22,6 +23,7 @@ from bench import (
     export_memory,
     grpo,
     load,
+    long,
     machine,
     offline,
     peer,
@@ -43,6 +45,7 @@ WORKLOADS = {
     "peer": peer.main,
     "soak": soak.main,
     "export-memory": export_memory.main,
+    "long": long.main,
     "decoder": decoder.main,
     "trust": trust.main,
     "rules": rules.main,

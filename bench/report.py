@@ -74,6 +74,15 @@ def rules_section(rows: list[dict]) -> str:
     ])  # fmt: skip
 
 
+def section_of(text: str, title: str) -> str | None:
+    """The Markdown section of `text` that starts with `title`, up to the next section."""
+    if title not in text:
+        return None
+    start = text.index(title)
+    end = text.find("\n## ", start + 1)
+    return text[start : end + 1 if end >= 0 else len(text)]
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     present = [c for c in columns if any(c in r for r in rows)]
     lines = ["| " + " | ".join(present) + " |", "|" + "---|" * len(present)]
@@ -111,9 +120,6 @@ def plots(records: list[dict], out_dir: Path) -> list[str]:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrent single-item clients")
             ax.set_ylabel(label)
-        for r in records:
-            if r["workload"] == "service" and r["engine"].startswith("offline-"):
-                a.axhline(r["items_per_s"], ls="--", lw=0.8, color="gray")
         a.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "perf-service.png", dpi=120)
@@ -241,6 +247,8 @@ def write_report(records: list[dict], out: Path, args, seconds: float) -> None:
         ]
     if rows := by("rules"):
         parts += [rules_section(rows), ""]
+    if out.exists() and (long_section := section_of(out.read_text(), "## Long inputs")):
+        parts += [long_section]  # written by `python -m bench long --doc`, which this run does not repeat
     names = plots(records, out.parent)
     parts += ["## Raw measurements", "", "```jsonl", *(json.dumps(r) for r in records), "```", ""]
     out.write_text("\n".join(parts))

@@ -25,6 +25,14 @@ ImportPrecision = Annotated[
         "fp32 (CPU, exact), int8, int8-dynamic"
     ),
 ]
+AttentionChunk = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="decoders: query tokens per step of the attention loop (memory per layer ~ heads x chunk x "
+        "length)" + default_is("256"),
+    ),
+]
 CheckpointName = Annotated[
     str | None, typer.Option(help="model name" + default_is("the checkpoint directory name"))
 ]
@@ -91,6 +99,7 @@ def export(
         Exporter, typer.Option(help="torchscript: the form ORT fuses; dynamo: the fallback")
     ] = (Exporter.torchscript),
     fuse: Annotated[bool, typer.Option(help="ORT transformer fusion for BERT-like encoders")] = True,
+    attention_chunk: AttentionChunk = None,
     name: Annotated[
         str | None, typer.Option(help="model name" + default_is("the --out directory name"))
     ] = None,
@@ -115,6 +124,7 @@ def export(
         truncation=truncation.value,
         padding_side=padding_side.value if padding_side else None,
         exporter=exporter.value,
+        attention_chunk=attention_chunk,
         fuse=fuse,
         overwrite=overwrite,
         **(shipped | {k: v for k, v in given.items() if v is not None}),
@@ -143,6 +153,7 @@ def import_armorm(
         int | None, typer.Option(help="tokens per conversation" + default_is("the model's context, 8192"))
     ] = None,
     name: CheckpointName = None,
+    attention_chunk: AttentionChunk = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Import RLHFlow/ArmoRM-Llama3-8B-v0.1 (or a checkpoint in its layout) without trust_remote_code.
@@ -157,6 +168,7 @@ def import_armorm(
         precisions=precisions(precision),
         name=name,
         max_length=max_length,
+        attention_chunk=attention_chunk,
         overwrite=overwrite,  # type: ignore[arg-type]
     )
     report_sizes(out, run_import(checkpoint, out, options))
@@ -188,6 +200,7 @@ def import_hf(
         PaddingSide | None, typer.Option(help="how batches are padded" + default_is("left"))
     ] = None,
     name: CheckpointName = None,
+    attention_chunk: AttentionChunk = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Import a Hugging Face reward model (Llama, Mistral, Qwen2, Qwen3, Gemma2 *ForSequenceClassification)
@@ -205,6 +218,7 @@ def import_hf(
         name=name,
         max_length=max_length,
         padding_side=padding_side.value if padding_side else None,
+        attention_chunk=attention_chunk,
         overwrite=overwrite,
     )
     report_sizes(out, run_import(checkpoint, out, options, objectives=objective or None))

@@ -143,7 +143,7 @@ def load_armorm(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float3
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from polyreward.models.torch.reward_model import build_reward_model
+    from polyreward.models.torch.reward_model import attention_for, build_reward_model
 
     path = Path(checkpoint)
     config, armo = read_config(path)
@@ -160,7 +160,7 @@ def load_armorm(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float3
     transformers_logging.set_verbosity_error()
     try:
         backbone = AutoModel.from_pretrained(
-            path, config=config, attn_implementation="eager", dtype=dtype, use_safetensors=True
+            path, config=config, attn_implementation=attention_for(config), dtype=dtype, use_safetensors=True
         ).eval()
     finally:
         transformers_logging.set_verbosity(verbosity)

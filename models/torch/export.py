@@ -35,6 +35,7 @@ from polyreward.models.runtime.manifest import (
     Precision,
     Truncation,
 )
+from polyreward.models.torch.attention import CHUNK
 from polyreward.models.torch.heads import load_heads, save_heads
 from polyreward.models.torch.ort_passes import convert_fp16, fuse, quantize_dynamic_int8, quantize_int8
 from polyreward.models.torch.reward_model import RewardModel, build_reward_model, detect_kind, load_backbone
@@ -59,7 +60,9 @@ class ExportOptions:
 
     precisions: the graphs wanted (`graphs`). max_length / truncation / padding_side: the input policy
     (defaults from the model: `polyreward.models.runtime.builder.input_policy`). exporter: torchscript (the form
-    ORT fuses) or dynamo. fuse: ORT transformer fusion for BERT-like encoders. name (default: the output
+    ORT fuses) or dynamo. attention_chunk: query tokens per step of decoders' attention (default
+    `polyreward.models.torch.attention.CHUNK`; memory per layer ~ heads x chunk x length). fuse: ORT transformer
+    fusion for BERT-like encoders. name (default: the output
     directory's name), version, calibration (raw and debiased), uncertainty (residual variances and conformal
     multipliers; without it predictive = epistemic), metrics and provenance (merged into the exporter's own) go
     into the manifest as given. The transform T always comes from the heads.
@@ -71,6 +74,7 @@ class ExportOptions:
     truncation: Truncation = "left"
     padding_side: Literal["left", "right"] | None = None
     exporter: Literal["torchscript", "dynamo"] = "torchscript"
+    attention_chunk: int | None = None
     fuse: bool = True
     overwrite: bool = False
     version: str | None = None
@@ -163,6 +167,8 @@ def write_artifact(
                 convert_fp16(tmp / GRAPH_FILES["fp32"], tmp / GRAPH_FILES["fp16"])
         graphs = {p: graph_entry(tmp / GRAPH_FILES[p], fused=bool(fused_ops)) for p in wanted}
         provenance = {**options.provenance, **_provenance(options.exporter, fused_ops)}
+        if kind == "decoder":
+            provenance["attention_chunk"] = options.attention_chunk or CHUNK
         manifest = _manifest(model, config, policy, graphs, options, Path(out).name, backbone_id, provenance)
         manifest = finalize_manifest(tmp, manifest)
     log.info("wrote %s (%s) in %.1fs", out, ", ".join(wanted), time.perf_counter() - t0)
@@ -182,7 +188,7 @@ def _trace_graphs(
         path = tmp / GRAPH_FILES[precision]
         model.backbone.to(torch.float16 if precision == "fp16" else torch.float32)
         want = run_torch(model, example, input_names)
-        export_onnx(model, example, input_names, path, options.exporter)
+        export_onnx(model, example, input_names, path, options.exporter, options.attention_chunk)
         if i == len(traced) - 1:
             release(model.backbone)
         if options.fuse and kind == "encoder":

@@ -119,7 +119,7 @@ def load_classifier(
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from polyreward.models.torch.reward_model import build_reward_model
+    from polyreward.models.torch.reward_model import attention_for, build_reward_model
 
     path = Path(checkpoint)
     config = read_config(path)
@@ -131,7 +131,7 @@ def load_classifier(
     transformers_logging.set_verbosity_error()  # `score.*` are unexpected keys for the bare backbone: read above
     try:
         backbone, info = AutoModel.from_pretrained(
-            path, config=config, attn_implementation="eager", dtype=dtype, use_safetensors=True,
+            path, config=config, attn_implementation=attention_for(config), dtype=dtype, use_safetensors=True,
             output_loading_info=True,
         )  # fmt: skip
     finally:

@@ -21,9 +21,9 @@ def fuse(path: Path, config) -> dict[str, int]:
     """ORT transformer fusion for BERT-like encoders (EmbedLayerNormalization, Attention, SkipLayerNormalization,
     BiasGelu); returns fused-op counts.
 
-    Decoders are not run through it. On Llama and Qwen2 only RMSNorm fuses (SimplifiedLayerNormalization and
-    SkipSimplifiedLayerNormalization); attention and rotary embeddings do not fuse from the TorchScript graph.
-    ONNX Runtime fuses SimplifiedLayerNormalization itself when the session loads, and the offline optimizer
+    Decoders are not run through it: their attention is polyreward's own chunked loop
+    (`polyreward.models.torch.attention`), and of the rest only RMSNorm would fuse (SimplifiedLayerNormalization
+    and SkipSimplifiedLayerNormalization). ONNX Runtime fuses SimplifiedLayerNormalization itself when the session loads, and the offline optimizer
     held about 10x the weights in memory (measured: over 14 GB for a 1.3 GB fp16 graph), so it is skipped.
     """
     from onnxruntime.transformers.optimizer import optimize_model

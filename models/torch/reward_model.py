@@ -135,18 +135,25 @@ class Embedder(nn.Module):
         return self.model.embeddings(input_ids, attention_mask, gating_index)
 
 
+def attention_for(config) -> str:
+    """The attention implementation a backbone loads with: eager for encoders (the form ONNX Runtime's
+    transformer optimizer fuses, docs/architecture.md), `polyreward.models.torch.attention` for decoders."""
+    from polyreward.models.torch import attention
+
+    return "eager" if detect_kind(config) == "encoder" else attention.register()
+
+
 def load_backbone(backbone_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load (config, backbone, tokenizer) from a local directory; eager attention, no hub access."""
+    """Load (config, backbone, tokenizer) from a local directory (`attention_for`), no hub access."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = Path(backbone_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json — expected a Hugging Face model directory")
     config = AutoConfig.from_pretrained(path)
-    # Eager attention is the form ONNX Runtime's transformer optimizer can fuse (docs/architecture.md, the export stages).
     # use_safetensors: weights are never unpickled, so a directory with only pytorch_model.bin is refused.
     backbone = AutoModel.from_pretrained(
-        path, attn_implementation="eager", dtype=dtype, use_safetensors=True
+        path, attn_implementation=attention_for(config), dtype=dtype, use_safetensors=True
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return config, backbone, tokenizer

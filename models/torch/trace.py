@@ -1,8 +1,10 @@
 """Tracing a PyTorch reward model (or its embedder) into an ONNX file.
 
-The TorchScript exporter at opset 17 with eager attention is the form ONNX Runtime's transformer optimizer
-fuses (measured: README, "Measured on this machine"); the dynamo exporter is the tested fallback. A graph over 2 GB keeps its weights in
-one external file next to it, page-aligned.
+The TorchScript exporter at opset 17: encoders with eager attention, the form ONNX Runtime's transformer
+optimizer fuses (measured: README, "Measured on this machine"); decoders with polyreward's attention node,
+lowered to a loop over query chunks (`polyreward.models.torch.attention`). The dynamo exporter is the tested
+fallback (decoders' attention then stays unchunked). A graph over 2 GB keeps its weights in one external file
+next to it, page-aligned.
 """
 
 from __future__ import annotations
@@ -107,8 +109,10 @@ def export_onnx(
     input_names: list[str],
     path: Path,
     exporter,
+    attention_chunk: int | None = None,
 ):
-    """Trace `model` into `path`. A graph over 2 GB keeps its weights in ONE external file, `<path>.data`."""
+    """Trace `model` into `path`. A graph over 2 GB keeps its weights in ONE external file, `<path>.data`.
+    Decoder attention is lowered to loops over `attention_chunk` query tokens (`attention.lower`)."""
     args = tuple(torch.from_numpy(example[n]) for n in input_names)
     outputs = model.output_names()
     axes = {k: v for k, v in DYNAMIC_AXES.items() if k in input_names or k in outputs}
@@ -131,7 +135,19 @@ def export_onnx(
             del program
     gather_external_data(scratch / path.name, path)
     shutil.rmtree(scratch)
+    lower_attention(path, attention_chunk)
     log.info("exported %s with the %s exporter in %.1fs", path.name, exporter, time.perf_counter() - t)
+
+
+def lower_attention(path: Path, chunk: int | None = None) -> None:
+    """Replace the decoder attention nodes of graph `path` by their chunked loops (`attention.lower`)."""
+    from polyreward.models.torch import attention
+
+    chunk = chunk or attention.CHUNK
+    model = onnx.load(str(path), load_external_data=False)
+    if count := attention.lower(model, chunk):
+        onnx.save(model, str(path))  # the weights stay where they are, in the external file if any
+        log.info("lowered %d attention nodes of %s to query chunks of %d", count, path.name, chunk)
 
 
 def gather_external_data(src: Path, dst: Path, chunk: int = 1 << 24) -> None:

@@ -1,5 +1,8 @@
 """Every AutoModel decoder family end to end on tiny random configs: featurize → train → export → serve.
 
+The graph's attention is polyreward's chunked loop (`polyreward.models.torch.attention`, 16-token chunks here);
+the reference is transformers' eager attention.
+
 Per family: `polyreward train objectives` featurizes the example ratings through the ONNX embedder and fits
 heads, `polyreward export` builds the artifact, the graph is checked against PyTorch on mixed-length items
 padded left and right (Mistral and Gemma2 with a 16-token sliding window, so most items are longer than the
@@ -14,19 +17,24 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 from support.tinymodels import DECODER_FAMILIES, SLIDING_WINDOW
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel
 
 from polyreward.models.runtime.artifact import HEADS_FILE
 from polyreward.models.runtime.batching import collate
 from polyreward.models.runtime.items import ChatItem, Item, PromptItem, TextItem, sample_items
 from polyreward.models.runtime.scorer import Scorer
 from polyreward.models.torch.heads import load_heads
-from polyreward.models.torch.reward_model import build_reward_model, embed_torch, load_backbone, score_torch
+from polyreward.models.torch.reward_model import build_reward_model, embed_torch, score_torch
 from polyreward.training.featurize import FeatureCache
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+# Query tokens per step of the exported attention loop: shorter than most test conversations and equal to the
+# sliding window, so items span several chunks and windows cross chunk boundaries.
+CHUNK = 16
 
 # Attention options of the tiny configs and the value that switches each off (checked to matter below).
 SWITCHES = {
@@ -75,7 +83,7 @@ def pipelines(
         train = cli("train", "objectives", "--config", config, "--out", out, "--quiet")
         cli(
             "export", "--heads", out / "stage1.safetensors", "--out", out / "artifact", "--backbone", backbone,
-            "--precision", "fp32",
+            "--precision", "fp32", "--attention-chunk", CHUNK,
         )  # fmt: skip
         return backbone, out / "artifact", json.loads(train.stdout)
 
@@ -98,8 +106,13 @@ def test_decoder_family_end_to_end(family, pipelines, serve):
     scorer = Scorer(artifact, precision="fp32", device="cpu")
     assert scorer.manifest.backbone.model_type == family and scorer.manifest.backbone.kind == "decoder"
     assert scorer.manifest.input.padding_side == "left" and scorer.manifest.input.template == "chat"
-    config, torch_backbone, _ = load_backbone(backbone)
-    model = build_reward_model(torch_backbone, load_heads(artifact / HEADS_FILE), "decoder")
+    assert scorer.manifest.provenance["attention_chunk"] == CHUNK
+    graph = onnx.load(str(artifact / scorer.manifest.graphs["fp32"].file))
+    assert sum(n.op_type == "Loop" for n in graph.graph.node) == 2  # one attention loop per layer
+    # The reference is transformers' own eager attention (not polyreward's attention function).
+    config = AutoConfig.from_pretrained(backbone)
+    eager = AutoModel.from_pretrained(backbone, attn_implementation="eager").eval()
+    model = build_reward_model(eager, load_heads(artifact / HEADS_FILE), "decoder")
     pad_id = scorer.builder.pad_id
 
     items = parity_items()
