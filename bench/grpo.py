@@ -5,15 +5,18 @@ Prompts and responses are RMB best-of-N sets (the best answer and its losers, cy
 items of one batch that share a prompt share its gating pass; `dedup+cache`: each prompt's gating pass runs
 once in the step, whatever batch its responses land in (the gating cache, emptied before every step);
 `floor`: every prompt already cached, so no gating pass runs at all (the cost floor the cache is held to).
+The four take turns, round after round; each is the median of its rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 from dataclasses import replace
 
-from bench.common import DATA, add_common, artifact_path, emit, jsonl, scorer_settings, timed
+from bench.common import DATA, add_common, artifact_path, emit, jsonl, scorer_settings
 from bench.machine import cpu_model
 
 # (name, deduplicate prompts within a batch, gating cache: None off, "cold" emptied each step, "warm" full)
@@ -72,15 +75,23 @@ def run(args) -> list[dict]:
                 cache.clear()
             scorer.score(items, policy=replace(scorer.policy, dedup_prompts=dedup))
 
-        seconds = {}
-        for variant, dedup, mode in VARIANTS:
-            seconds[variant] = timed(lambda d=dedup, m=mode: step(d, m), args.repeats)
+        # The variants take turns, round after round (medians): on a shared machine the speed drifts within
+        # a minute, and variants timed one after another would drift apart with it.
+        runs: dict[str, list[float]] = {variant: [] for variant, _, _ in VARIANTS}
+        for round_ in range(args.repeats + 1):  # round 0: the warm-up
+            for variant, dedup, mode in VARIANTS:
+                started = time.perf_counter()
+                step(dedup, mode)
+                if round_:
+                    runs[variant].append(time.perf_counter() - started)
+        seconds = {variant: statistics.median(times) for variant, times in runs.items()}
+        for variant, _, _ in VARIANTS:
             record = {
                 **common, "engine": f"scorer-{precision}", "variant": variant,
                 "seconds": round(seconds[variant], 3), "items_per_s": round(len(items) / seconds[variant], 2),
                 "speedup_vs_no_dedup": round(seconds["no-dedup"] / seconds[variant], 2),
             }  # fmt: skip
-            if "floor" in seconds:
+            if variant == "floor":
                 record["cache_vs_floor"] = round(seconds["dedup+cache"] / seconds["floor"], 3)
             records.append(emit(record, args.json))
         scorer.gating_cache = cache

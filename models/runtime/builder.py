@@ -228,6 +228,12 @@ def _run_length(ids: list[int], special: frozenset[int]) -> int:
     return n
 
 
+# Decoders' default length limit when the model's own is longer: the length Skywork evaluates its V2 reward
+# models at. Their attention is chunked (memory linear in length), so an item this long scores in a batch of its
+# own; `--max-length` goes up to the model's context.
+DECODER_MAX_LENGTH = 16384
+
+
 def input_policy(
     config,
     tokenizer,
@@ -239,8 +245,8 @@ def input_policy(
 ) -> InputPolicy:
     """The input policy for a backbone: one place, so featurization and export always agree.
 
-    Defaults: the model's own length limit (capped at 512 for encoders, 4096 for decoders); right padding for
-    encoders, left for decoders.
+    Defaults: the model's own length limit (capped at 512 for encoders, `DECODER_MAX_LENGTH` for decoders); right
+    padding for encoders, left for decoders.
     """
     if max_length is None:
         limits = [
@@ -248,7 +254,7 @@ def input_policy(
             getattr(tokenizer, "model_max_length", None),
         ]
         usable = [int(v) for v in limits if isinstance(v, int) and 8 <= v < 1_000_000]
-        max_length = min([*usable, 512 if kind == "encoder" else 4096])
+        max_length = min([*usable, 512 if kind == "encoder" else DECODER_MAX_LENGTH])
     return InputPolicy(
         template=InputBuilder.template_for(tokenizer),
         max_length=max_length,

@@ -38,8 +38,6 @@ log = logging.getLogger("polyreward.hf_import")
 # token, each with a parity test against transformers (tests/models/torch/test_hf_import.py).
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 HEAD = "score"
-# Tokens per conversation unless told: the length Skywork evaluates its V2 models at (their context is 128k).
-DEFAULT_MAX_LENGTH = 16384
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
 
@@ -153,14 +151,13 @@ def import_hf(
 ) -> Manifest:
     """Write an artifact for a `*ForSequenceClassification` checkpoint. fp16 alone never makes an fp32 copy.
 
-    `options.max_length` defaults to the model's context, at most `DEFAULT_MAX_LENGTH`; `name` to the
+    `options.max_length` defaults to the model's context, at most `DECODER_MAX_LENGTH`; `name` to the
     checkpoint directory's name.
     """
     path = Path(checkpoint).resolve()
     config, model, tokenizer = load_classifier(path, objectives, dtype=options.load_dtype("decoder"))
-    max_length = options.max_length or min(config.max_position_embeddings, DEFAULT_MAX_LENGTH)
     policy = input_policy(
-        config, tokenizer, "decoder", max_length=max_length,
+        config, tokenizer, "decoder", max_length=options.max_length,
         padding_side=options.padding_side,
     )  # fmt: skip
     options = replace(
