@@ -42,7 +42,9 @@ def direct(q, k, v, mask, scale, window, softcap) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize(("window", "softcap", "chunk"), [(0, 0.0, 4), (5, 0.0, 4), (0, 3.0, 5), (6, 2.0, 16)])
+@pytest.mark.parametrize(
+    ("window", "softcap", "chunk"), [(0, 0.0, 4), (5, 0.0, 4), (0, 3.0, 5), (6, 2.0, 16)]
+)
 def test_the_lowered_loop_is_masked_causal_attention(tmp_path, window, softcap, chunk):
     rng = np.random.default_rng(window + chunk)
     q = rng.standard_normal((3, H, S, D)).astype(np.float32) * 2
