@@ -2,9 +2,10 @@
 
 transformers' eager attention builds a [batch, 1, seq, seq] mask and then [batch, heads, seq, seq] scores per
 layer; exported as it is, every batch materialises them (a 16k-token item: 32 heads x 16k^2 x 4 bytes = 34 GB
-for one layer's scores). ONNX Runtime 1.32's fused kernels do not avoid it on a CPU either (measured:
-`GroupQueryAttention` allocates its [B, N, S, T] probabilities, `MultiHeadAttention`'s flash path excludes
-causal masks, the opset-23 `Attention` op took 2.4 GB for 8 heads at 8k tokens, i.e. N S^2 4 bytes).
+for one layer's scores). ONNX Runtime 1.32's fused kernels do not avoid it on a CPU either: its CPU
+`GroupQueryAttention` allocates [B, N, S, T] probabilities and `MultiHeadAttention`'s flash path excludes
+causal masks (both read in its sources), and the opset-23 `Attention` op took 2.4 GB for 8 heads at 8k tokens
+(measured: N S^2 4 bytes).
 
 So decoders load with `IMPLEMENTATION`, an attention function registered with transformers (its mask function
 passes the 2-D padding mask through, like flash attention's, so no 4-D mask is built either). In PyTorch it
@@ -74,7 +75,8 @@ class _Attention(torch.autograd.Function):
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' attention-function signature: (output [B, S, H, D], no weights)."""
+    """transformers' attention-function signature: (output [B, S, H, D], no weights). Dropout is not applied:
+    reward models score in eval mode."""
     scale = float(scaling if scaling is not None else module.head_dim**-0.5)
     window = int(kwargs.get("sliding_window") or 0)
     softcap = float(kwargs.get("softcap") or 0.0)
