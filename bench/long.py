@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import emit
+from bench.common import emit, timed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TESTS = Path(__file__).resolve().parents[1] / "tests"
@@ -107,14 +107,8 @@ def measure(engine: str, directory: Path, length: int, repeats: int) -> dict:
         run = lambda: scorer.forward(feeds)  # noqa: E731
     loaded = _rss_gb()
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the resident set now (Linux)
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
     return {
-        "seconds": statistics.median(times),
+        "seconds": timed(run, repeats),  # one warm-up pass, then the median of `repeats`
         "loaded_gb": loaded,
         "run_gb": max(_rss_gb("VmHWM") - loaded, 0.0),
     }
