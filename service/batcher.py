@@ -100,6 +100,7 @@ class Batcher:
         contended_token_budget: int | None = None,
         express: bool = True,
         nice: int = 0,
+        busy_threads: int | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
     ):
         self.scorer = scorer
@@ -123,6 +124,11 @@ class Batcher:
         # instead of sharing them evenly with the flood's batches already running.
         self.nice = nice
         self._express_session = scorer.second_session() if express and nice else None
+        # A batch that starts while another runs takes `busy_threads` (a session of its own): two batches with
+        # every core's thread each would fight over the cores, while a batch alone still gets them all.
+        self._busy_session = (
+            scorer.second_session(busy_threads, nice) if busy_threads and workers > 1 else None
+        )
         self._running = 0  # batches in inference; the device is busy when every worker runs one
         self._running_lock = threading.Lock()
         self._stopping = False
@@ -273,12 +279,13 @@ class Batcher:
                     self._cond.wait()
             started = time.monotonic()
             with self._running_lock:
+                session = self._busy_session if self._running or self._express_running else None
                 self._running += 1
             self._slot.release()  # after counting this run: the next batch then waits max_wait for more items
             with self._cond:
                 self._cond.notify_all()
             try:
-                self._run(batch, feeds, started)
+                self._run(batch, feeds, started, session)
             finally:
                 with self._running_lock:
                     self._running -= 1

@@ -103,6 +103,7 @@ class Registry:
         batcher = Batcher(
             scorer, max_queue_items=s.max_queue_items, max_wait=s.max_wait_ms / 1000, workers=run.workers,
             tenants=s.tenants, contended_token_budget=s.tenant_token_budget, nice=run.nice,
+            busy_threads=run.busy_threads,
             on_batch=self.metrics.on_batch(name),
         )  # fmt: skip
         batcher.start()

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     spin: bool | None = Field(
         None, description="ONNX Runtime threads spin while idle [off with 2+ CPU workers]"
     )
+    busy_threads: int | None = Field(
+        None, ge=0, description="ONNX Runtime threads of a batch that starts while another one runs (0: as "
+        "many as `threads`) [1 on CPU with 2+ workers]",
+    )  # fmt: skip
     batch_nice: int | None = Field(
         None, ge=0, le=19, description="nice value of the threads that run batches (Linux; request handling "
         "and light tenants' batches keep the process's) [19 on CPU, 0 on GPU]",
@@ -97,7 +101,7 @@ class Settings(BaseSettings):
 
     def execution(self, device: str) -> Execution:
         """How batches run on `device`: these settings, or the measured defaults (`execution`)."""
-        return execution(device, self.workers, self.threads, self.spin, self.batch_nice)
+        return execution(device, self.workers, self.threads, self.spin, self.batch_nice, self.busy_threads)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,9 @@ class Execution:
     threads: int | None  # ONNX Runtime intra-op threads per batch (None: ORT's default)
     spin: bool | None  # ONNX Runtime threads spin while idle (None: ORT's default)
     nice: int = 0  # nice value of the threads that run batches (their ORT threads included)
+    busy_threads: int | None = (
+        None  # intra-op threads of a batch that starts beside another (None: `threads`)
+    )
 
 
 def execution(
@@ -114,11 +121,13 @@ def execution(
     threads: int | None = None,
     spin: bool | None = None,
     nice: int | None = None,
+    busy_threads: int | None = None,
 ) -> Execution:
     """How batches run on `device`, each value given or its measured default.
 
-    On a CPU: two batches side by side, each free to use every core, threads parked rather than spinning
-    (measured on 2 cores under 64 single-item clients: 0.84-0.93x the offline Scorer's items/s, against 0.74x
+    On a CPU: two batches side by side, threads parked rather than spinning, a batch alone free to use every
+    core and one that starts beside another with one thread (measured on 2 cores under 64 single-item clients,
+    fp32: 0.90-0.99x the offline Scorer's items/s, against 0.80-0.99x with every core's thread for both and 0.74x
     for one batch at a time, while one client alone keeps its latency), at nice 19 so that request handling and
     light tenants' batches go first (docs/performance.md, tenants). On a GPU: one batch at a time.
     """
@@ -127,7 +136,10 @@ def execution(
     threads = threads or (available_cpus() if cpu else None)
     spin = spin if spin is not None else (False if cpu and workers > 1 else None)
     nice = nice if nice is not None else (19 if cpu else 0)
-    return Execution(workers, threads, spin, nice)
+    if busy_threads is None:
+        busy_threads = 1 if cpu and workers > 1 else 0
+    busy = busy_threads if 0 < busy_threads < (threads or 0) else None
+    return Execution(workers, threads, spin, nice, busy)
 
 
 def available_cpus() -> int:

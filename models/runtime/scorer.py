@@ -146,10 +146,12 @@ class Scorer:
         )
         return Feeds({name: arrays[name] for name in self.input_names}, cached, fill)
 
-    def second_session(self):
-        """Another session on the same graph, threads and spinning, at the process's own priority (a server's
-        express lane runs on it while the batches run on `session` at a lower one)."""
-        return create_session(self._graph, self.device, threads=self._threads, spin=self._spin)
+    def second_session(self, threads: int | None = None, nice: int = 0):
+        """Another session on the same graph and spinning, with `threads` (default the scorer's) at `nice`
+        (default the process's priority). A server's express lane runs on one while the batches run on `session`
+        at a lower priority, and a batch that starts beside another runs on a one-thread session."""
+        threads = threads or self._threads
+        return create_session(self._graph, self.device, threads=threads, spin=self._spin, nice=nice)
 
     def forward(self, feeds: dict[str, np.ndarray], session=None) -> dict[str, np.ndarray]:
         """Collated inputs through the graph (on `session`, default the scorer's own):

@@ -29,14 +29,16 @@ def run_with(scorer, coro_fn, **options):
         batcher.stop(timeout=30)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_concurrent_single_item_requests_are_batched_and_match_offline(scorer, mixed_items, workers):
+@pytest.mark.parametrize(("workers", "busy_threads"), [(1, None), (2, None), (2, 1)])
+def test_concurrent_single_item_requests_are_batched_and_match_offline(
+    scorer, mixed_items, workers, busy_threads
+):
     items = mixed_items[:64]
 
     async def clients(batcher):
         return await asyncio.gather(*(batcher.score([it]) for it in items))
 
-    results, stats, _ = run_with(scorer, clients, workers=workers)
+    results, stats, _ = run_with(scorer, clients, workers=workers, busy_threads=busy_threads)
     offline = scorer.score(items)
     got = np.array([r[0].rewards + r[0].gating + [r[0].score] for r in results])
     want = np.array([r.rewards + r.gating + [r.score] for r in offline])
@@ -127,13 +129,17 @@ def test_stop_finishes_queued_work(scorer, mixed_items, monkeypatch):
 
 
 def test_two_workers_run_batches_side_by_side(scorer, mixed_items, monkeypatch):
+    """The first batch runs on the scorer's session with all its threads; one that starts while another runs
+    takes the one-thread session (`busy_threads`), so two batches do not fight over the cores."""
     running, most = 0, 0
+    sessions: list[tuple[int, object]] = []  # (batches already running, the session passed) per batch
     lock = threading.Lock()
     real_forward = scorer.forward
 
     def infer(feeds, session=None):
         nonlocal running, most
         with lock:
+            sessions.append((running, session))
             running += 1
             most = max(most, running)
         try:
@@ -147,6 +153,10 @@ def test_two_workers_run_batches_side_by_side(scorer, mixed_items, monkeypatch):
     async def clients(batcher):
         return await asyncio.gather(*(batcher.score([it]) for it in mixed_items[:48]))
 
-    results, stats, _ = run_with(scorer, clients, workers=2)
+    results, stats, batcher = run_with(scorer, clients, workers=2, busy_threads=1)
     assert most == 2  # two batches were in the session at once
     assert sum(s.items for s in stats) == 48 and all(len(r) == 1 for r in results)
+    assert sessions[0] == (0, None)  # the first batch had the machine to itself: every thread
+    narrow = batcher._busy_session
+    assert narrow.get_session_options().intra_op_num_threads == 1
+    assert all(session is narrow for ahead, session in sessions if ahead)  # beside another: one thread

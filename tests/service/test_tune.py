@@ -72,3 +72,9 @@ def test_execution_defaults_follow_the_device():
     assert execution("cpu", workers=1).spin is None  # one worker alone may spin (ORT's default)
     assert Settings(workers=3, spin=True).execution("cpu") == execution("cpu", 3, None, True)
     assert Settings(batch_nice=0).execution("cpu").nice == 0
+    # a batch that starts beside another takes one thread on a CPU; not where it would not be fewer
+    assert cpu.busy_threads == (1 if available_cpus() > 1 else None) and gpu.busy_threads is None
+    assert (
+        execution("cpu", workers=1).busy_threads is None and execution("cpu", threads=1).busy_threads is None
+    )
+    assert Settings(busy_threads=0).execution("cpu").busy_threads is None
