@@ -82,9 +82,10 @@ class _Pending:
 class Batcher:
     """One model's queue, prepare thread and inference threads. `start()` before use, `stop()` drains it.
 
-    `workers` inference threads run batches side by side on the one session (ONNX Runtime allows concurrent
-    runs); on a CPU, while one batch waits on a core the server's other threads took, the other keeps the
-    cores busy (measured in docs/performance.md).
+    `workers` inference threads run batches side by side (ONNX Runtime allows concurrent runs); on a CPU,
+    while one batch waits on a core the server's other threads took, the other keeps the cores busy (measured
+    in docs/performance.md). A batch that starts alone runs on the scorer's session with every thread; with
+    `busy_threads`, one that starts beside another runs on a session with that many.
     """
 
     def __init__(
