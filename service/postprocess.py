@@ -13,6 +13,10 @@ T, residual variances s² and calibration stats:
                                                 reference responses for that prompt ("references")
     aggregate  gating: Σ g_k y_k   sum: Σ w_k y_k   and: Σ w_k u_k (needs the transform)
                min: min over w_k > 0 of w_k y_k          (y = u with a transform, else x)
+               mixture models, with G [M, K] the groups' weightings and s_m = Σ_k G_mk y_k:
+               groups: Σ_m w_m s_m (group_weights)   worst_group: min_m s_m (MaxMin)
+               (gating, groups and worst_group without a transform take the graph's own score and group
+               scores, which are in the debiased space whatever `space` says)
     pessimism  score ← aggregate − κ σ(score)
     constraint score ← score − penalty Σ_k max(0, min_k − x_k);  slack_k = x_k − min_k
 
@@ -39,6 +43,7 @@ from polyreward.models.runtime.items import Item
 from polyreward.models.runtime.manifest import Manifest
 from polyreward.models.runtime.scorer import ScoreResult
 from polyreward.models.runtime.uncertainty import normal_quantile, stored_level
+from polyreward.service.mixture import check_groups, group_aggregate
 from polyreward.service.recipe import Aggregate, RecipeError, RecipeSpec, Space
 
 
@@ -71,6 +76,8 @@ class Recipe:
     b: np.ndarray  # [K]
     transform: np.ndarray | None  # [K, K] T, for the gated score's gradient
     weights: np.ndarray | None  # [K]
+    groups: tuple[str, ...]  # mixture models' groups (none otherwise)
+    group_weights: np.ndarray | None  # [M]
     residual: np.ndarray  # [K] s²
     conformal: tuple[tuple[float, ...] | None, ...]  # per objective, multipliers per stored level
     has_uncertainty: bool
@@ -121,13 +128,18 @@ class Recipe:
         a, b = _with_identity(a, len(rules)), np.concatenate([b, np.zeros(len(rules))])
         if transform is not None:
             transform = _with_identity(transform, len(rules))
-        aggregate = spec.aggregate or ("sum" if spec.weights is not None else "gating")
+        groups = tuple(manifest.head.groups or ())
+        default = (
+            "sum" if spec.weights is not None else "groups" if spec.group_weights is not None else "gating"
+        )
+        aggregate = spec.aggregate or default
+        check_groups(spec, aggregate, groups, manifest.name)
         if aggregate == "gating" and spec.weights is not None:
             raise RecipeError(
                 "weights: aggregate 'gating' mixes by the model's own gating; leave weights out or set "
                 "aggregate to sum, and or min", "conflicting_options",
             )  # fmt: skip
-        if aggregate != "gating" and spec.weights is None:
+        if aggregate in ("sum", "and", "min") and spec.weights is None:
             raise RecipeError(
                 f"weights: aggregate {aggregate!r} needs weights naming the objectives", "needs_weights"
             )
@@ -157,6 +169,7 @@ class Recipe:
         return cls(
             spec=spec, names=names, space=space, aggregate=aggregate, a=a, b=b, transform=transform,
             weights=None if spec.weights is None else _vector(names, spec.weights, 0.0),
+            groups=groups, group_weights=None if spec.group_weights is None else _vector(groups, spec.group_weights, 0.0),
             residual=np.array([info[n].residual_variance if n in info else 0.0 for n in names]),
             conformal=tuple(tuple(info[n].conformal) if n in info and info[n].conformal else None for n in names),
             has_uncertainty=has_uncertainty,
@@ -229,7 +242,9 @@ class Recipe:
             ref = self._reference(x, members, groups, references or {})
             transformed = log_sigmoid(x - ref)
             y, jac = transformed, sigmoid(-(x - ref))
-        aggregate, beta = self._aggregate(y, jac, gating, np.array([r.score for r in results], np.float64))
+        aggregate, beta = self._aggregate(
+            y, jac, gating, np.array([r.score for r in results], np.float64), results
+        )
         score = aggregate
         sig_e = sig_p = None
         if self.has_uncertainty and results[0].uncertainty is not None:
@@ -251,6 +266,8 @@ class Recipe:
                          "raw": {"score": r.score, "rewards": list(r.rewards)}}  # fmt: skip
             if self.aggregate == "gating":
                 row["gating"] = list(r.gating)
+            if r.group_probs is not None:
+                row["group_probs"], row["group_scores"] = r.group_probs, r.group_scores
             if transformed is not None:
                 row["transformed"] = transformed[i].tolist()
             if slack is not None:
@@ -295,16 +312,23 @@ class Recipe:
             "score": None if sigma is None else [float(score - z * sigma), float(score + z * sigma)],
         }
 
-    def _aggregate(self, y, jac, gating, model_score) -> tuple[np.ndarray, np.ndarray]:
+    def _aggregate(self, y, jac, gating, model_score, results) -> tuple[np.ndarray, np.ndarray]:
         """(aggregate [N], its gradient with respect to the raw rewards, β [N, K]).
 
         `gating` without a transform is the model's own score (the graph's value), Σ_j g_j (r @ T)_j, so
-        β = T g; otherwise the aggregate's weights c on y give β = A (c ⊙ dy/dx)."""
-        if self.aggregate == "gating" and self.spec.transform is None:
+        β = T g (and the same for a group's score with its weighting for g); otherwise the aggregate's
+        weights c on y give β = A (c ⊙ dy/dx)."""
+        if self.aggregate in ("groups", "worst_group"):
+            score, coef = group_aggregate(
+                self.aggregate, self.group_weights, y, results, self.spec.transform is not None
+            )
+        elif self.aggregate == "gating":
+            score, coef = model_score, gating
+        if self.aggregate in ("gating", "groups", "worst_group") and self.spec.transform is None:
             t = self.transform if self.transform is not None else np.full((len(self.names),) * 2, np.nan)
-            return model_score, gating @ t.T
-        if self.aggregate == "gating":
-            score, coef = (gating * y).sum(-1), gating
+            return score, coef @ t.T
+        if self.aggregate in ("gating", "groups", "worst_group"):
+            score = (coef * y).sum(-1)
         elif self.aggregate == "min":
             w = self.weights
             active = np.flatnonzero(w)

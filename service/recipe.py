@@ -17,7 +17,7 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Number = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
 Positive = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1e6)]
 Space = Literal["debiased", "raw"]
-Aggregate = Literal["gating", "sum", "and", "min"]
+Aggregate = Literal["gating", "sum", "and", "min", "groups", "worst_group"]
 Extra = Literal["gating", "uncertainty", "intervals", "group_ranks", "group_z"]
 
 
@@ -63,9 +63,15 @@ class RecipeSpec(_Strict):
         None, description="objective -> weight for aggregate sum/and/min (unnamed objectives weigh 0)"
     )
     normalize: bool = Field(False, description="z-score each objective with the model's stats for the space")
+    group_weights: dict[str, Number] | None = Field(
+        None, description="mixture models: group -> weight for aggregate 'groups' (Σ_m w_m · group score; "
+        "{name: 1} is one group alone; `/v1/adapt` returns them)",
+    )  # fmt: skip
     aggregate: Aggregate | None = Field(
-        None, description="gating (the model's own mixture), sum, and (sum of log-sigmoids), min (worst "
-        "objective) [default: sum with weights, else gating]",
+        None, description="gating (the model's own mixture: for mixture models the router's), sum, and (sum "
+        "of log-sigmoids), min (worst objective), groups (mixture models: by group_weights), worst_group "
+        "(mixture models: the lowest group score, MaxMin) [default: sum with weights, groups with "
+        "group_weights, else gating]",
     )  # fmt: skip
     transform: Transform | None = None
     pessimism: Pessimism | None = None

@@ -16,6 +16,8 @@ from polyreward.service import serving
 from polyreward.service.errors import SCORING, InvalidRequest, NotReady, Unauthorized, responses
 from polyreward.service.registry import Registry
 from polyreward.service.schemas import (
+    AdaptRequest,
+    AdaptResponse,
     CompareRequest,
     CompareResponse,
     RewardRequest,
@@ -73,6 +75,16 @@ async def compare(body: CompareRequest, request: Request) -> CompareResponse:
     items = [it for pair in body.pairs for it in pair.items()]
     results, _ = await serving.scored_with_rules(request, model, items, body.truncation, serving.at_pair_side)
     return serving.compare_response(model, profile, recipe, items, results, body.uncertainty)
+
+
+@scoring.post("/v1/adapt", response_model=AdaptResponse, response_model_exclude_none=True)
+async def adapt(body: AdaptRequest, request: Request) -> AdaptResponse:
+    """Weights for one user from their labelled pairs, regularized toward the population; nothing is stored:
+    later /v1/score requests send the returned `profile` fields (README, "Few-shot users")."""
+    model = registry(request).pick(body.model)
+    items = [it for pair in body.pairs for it in pair.items()]
+    results = await serving.scored(request, model, items, body.truncation, serving.at_pair_side)
+    return serving.adapt_response(model, body, results)
 
 
 @scoring.post("/get_reward", response_model=RewardResponse)

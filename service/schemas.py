@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
+from polyreward.models.runtime.adapt import DEFAULT_STRENGTH
 from polyreward.models.runtime.errors import field_names
 from polyreward.models.runtime.items import ChatItem, Item, Message, Text
 from polyreward.models.runtime.manifest import Truncation
@@ -79,6 +80,12 @@ class ItemResult(BaseModel):
     intervals: Intervals | None = None
     group_ranks: list[float] | None = None
     group_z: list[float] | None = None
+    group_probs: list[float] | None = Field(
+        None, description="mixture models: the router's probability of each group (`groups` order)"
+    )
+    group_scores: list[float] | None = Field(
+        None, description="mixture models: each group's score, Σ_k G_mk (r @ T)_k"
+    )
     stripped_chars: int | None = Field(
         None, description="characters the rules' `strip` removed from the reply"
     )
@@ -97,6 +104,9 @@ class Usage(BaseModel):
 class ScoreResponse(BaseModel):
     model: str
     objectives: list[str]
+    groups: list[str] | None = Field(
+        None, description="mixture models: the groups of group_probs/group_scores"
+    )
     space: str
     profile: str | None = None
     recipe: dict = Field(description="the recipe that was applied: the profile and the request's overrides")
@@ -177,6 +187,41 @@ class CompareResponse(BaseModel):
     results: list[PairResult]
 
 
+class AdaptRequest(_Strict):
+    model: str | None = None
+    pairs: list[Pair] = Field(min_length=1, max_length=256, description="the user's labelled pairs")
+    over: Literal["groups", "objectives"] | None = Field(
+        None, description="adapt the weights of the model's groups (mixture models: the posterior over which "
+        "group the user is) or of the objectives (MAP Bradley–Terry) [default: groups for mixture models]",
+    )  # fmt: skip
+    strength: Annotated[float, Field(allow_inf_nan=False, gt=0, le=1e6)] = Field(
+        DEFAULT_STRENGTH, description="objectives: λ of the Gaussian prior toward the population's weights"
+    )
+    truncation: Truncation | None = Field(None, description=TRUNCATION)
+
+
+class AdaptFit(BaseModel):
+    log_likelihood: float = Field(description="Σ log σ(margin) of the pairs under the adapted weights")
+    population_log_likelihood: float = Field(description="the same under the population's")
+    accuracy: float = Field(description="share of the pairs the adapted reward orders right")
+    population_accuracy: float = Field(description="the same for the model's own score")
+
+
+class AdaptResponse(BaseModel):
+    model: str
+    over: str
+    pairs: int
+    weights: dict[str, float] = Field(
+        description="objective -> weight on the debiased objectives (send with aggregate 'sum'); over groups: "
+        "Σ_m p_m G_m, averaged over the pairs' prompts where a group's weighting depends on the prompt"
+    )
+    group_weights: dict[str, float] | None = Field(None, description="over groups: group -> posterior p_m")
+    profile: dict = Field(
+        description="the recipe fields a later /v1/score request sends to use the adaptation"
+    )
+    fit: AdaptFit
+
+
 class RewardRequest(BaseModel):
     """OpenRLHF's remote reward protocol: `query` holds whole templated conversations."""
 
@@ -200,4 +245,4 @@ class RewardResponse(BaseModel):
 
 
 # Every field name a request body can hold, for "did you mean" suggestions.
-REQUEST_FIELDS = field_names(ScoreRequest, CompareRequest, RewardRequest)
+REQUEST_FIELDS = field_names(ScoreRequest, CompareRequest, AdaptRequest, RewardRequest)

@@ -6,12 +6,14 @@ Handlers (`polyreward.service.routes`) call these and nothing else; engines neve
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
 from fastapi import Request
 
+from polyreward.models.runtime import adapt
 from polyreward.models.runtime.builder import InputRejected
 from polyreward.models.runtime.items import ChatItem, Item, TextItem
 from polyreward.models.runtime.manifest import Truncation
@@ -24,6 +26,9 @@ from polyreward.service.postprocess import Recipe, margin_probability, prompt_ke
 from polyreward.service.recipe import RecipeError, merge
 from polyreward.service.registry import Model
 from polyreward.service.schemas import (
+    AdaptFit,
+    AdaptRequest,
+    AdaptResponse,
     CompareResponse,
     ItemResult,
     PairResult,
@@ -168,7 +173,8 @@ async def score_items(request: Request, model: Model, body: ScoreRequest, recipe
 def score_response(model: Model, profile: str | None, recipe: Recipe, rows: list[dict]) -> ScoreResponse:
     usage = Usage(items=len(rows), tokens=sum(r["tokens"] for r in rows))
     return ScoreResponse(
-        model=model.name, objectives=list(recipe.names), space=recipe.space, profile=profile,
+        model=model.name, objectives=list(recipe.names), groups=list(recipe.groups) or None, space=recipe.space,
+        profile=profile,
         recipe=recipe.spec.model_dump(exclude_none=True), results=[ItemResult(**r) for r in rows], usage=usage,
     )  # fmt: skip
 
@@ -215,6 +221,48 @@ def compare_response(
             )
         )
     return CompareResponse(model=model.name, space=recipe.space, profile=profile, results=out)
+
+
+def adapt_response(model: Model, body: AdaptRequest, results: list[ScoreResult]) -> AdaptResponse:
+    """Weights for one user from their pairs (`polyreward.models.runtime.adapt`, formulas there)."""
+    m = model.scorer.manifest
+    groups = m.head.groups
+    over = body.over or ("groups" if groups else "objectives")
+    if over == "groups" and not groups:
+        raise RecipeError(
+            f"over: model {m.name!r} has no groups (not a mixture model); use 'objectives'", "no_groups"
+        )
+    if m.transform is None:
+        raise RecipeError(
+            f"over: model {m.name!r} records no transform, so no debiased space to adapt in", "no_transform"
+        )
+    chosen, rejected = results[0::2], results[1::2]
+    delta = (np.array([r.rewards for r in chosen]) - np.array([r.rewards for r in rejected])) @ np.array(
+        m.transform
+    )
+    population = np.array([c.score - r.score for c, r in zip(chosen, rejected, strict=True)])
+    names = model.scorer.objectives
+    if over == "groups":
+        margins = np.array([c.group_scores for c in chosen]) - np.array([r.group_scores for r in rejected])
+        fit = adapt.over_groups(margins, np.mean([c.group_probs for c in chosen], 0))
+        weights = fit.weights @ np.mean([c.group_gating for c in chosen], 0)
+        adapted = margins @ fit.weights
+        group_weights = dict(zip(groups, fit.weights.tolist(), strict=True))  # type: ignore[arg-type]
+        profile = {"aggregate": "groups", "group_weights": group_weights}
+    else:
+        fit = adapt.over_objectives(delta, np.mean([c.gating for c in chosen], 0), body.strength)
+        weights, adapted, group_weights = fit.weights, delta @ fit.weights, None
+        profile = {"aggregate": "sum", "weights": dict(zip(names, weights.tolist(), strict=True))}
+    if not np.isfinite(weights).all() or not math.isfinite(fit.log_likelihood):
+        raise RecipeError("pairs: the adapted weights are not finite numbers for these pairs", "non_finite")
+    return AdaptResponse(
+        model=model.name, over=over, pairs=len(chosen), weights=dict(zip(names, weights.tolist(), strict=True)),
+        group_weights=group_weights, profile=profile,
+        fit=AdaptFit(
+            log_likelihood=fit.log_likelihood, population_log_likelihood=fit.prior_log_likelihood,
+            accuracy=float((adapted > 0).mean()), population_accuracy=float((population > 0).mean()),
+        ),
+    )  # fmt: skip
 
 
 def reward_items(request: Request, body: RewardRequest) -> list[Item]:
@@ -270,6 +318,7 @@ def model_info(model: Model, rules: RuleSet) -> dict:
         "kinds": {**dict.fromkeys(model.scorer.objectives, "learned"), **rules.kinds},
         "backbone": m.backbone.model_type,
         "head": m.head.kind,
+        **({"groups": m.head.groups, "routing": m.head.routing} if m.head.groups else {}),
         "precision": model.scorer.precision,
         "providers": model.scorer.providers,
         "max_length": m.input.max_length,

@@ -90,6 +90,60 @@ def gating(config: Config, out: Out = None, quiet: Quiet = False) -> None:
 
 
 @app.command()
+def mixture(
+    config: Config,
+    out: Out = None,
+    routing: Annotated[
+        str | None,
+        typer.Option(
+            help="latent: preference groups found without labels; category: one gating per task "
+            "category, routed by a classifier" + default_is("the config's mixture.routing: latent")
+        ),
+    ] = None,
+    components: Annotated[
+        str | None,
+        typer.Option(
+            help="latent groups' weightings: fixed, or a gating network each"
+            + default_is("the config's mixture.components: fixed")
+        ),
+    ] = None,
+    groups: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="latent: the numbers of groups to try (repeatable; the held-out "
+            "likelihood picks one)" + default_is("1 2 3 4")
+        ),
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Pluralistic heads on stage 1's objectives: M groups, each a weighting of the debiased objectives, and a
+    router on the prompt (latent: MiCRo-style mixture of Bradley–Terry models, no group labels; category:
+    DMoERM-style task router). Needs stage 1 in OUT. Exports OUT/mixture-ROUTING/artifact (per item the
+    group scores and the router's probabilities), evaluates it, and prints the fit and held-out comparison.
+    """
+    from pydantic import ValidationError
+
+    from polyreward.models.runtime.errors import describe
+    from polyreward.training.pluralistic import REPORT, train_mixture, work_dir
+
+    run = _run(config, out, quiet)
+    given = {"routing": routing, "components": components, "groups": groups}
+    try:
+        cfg = run.cfg.mixture.model_validate(
+            {**run.cfg.mixture.model_dump(), **{k: v for k, v in given.items() if v is not None}}
+        )
+    except ValidationError as e:
+        raise typer.BadParameter(describe(e)) from None
+    report = train_mixture(run, cfg)
+    work = work_dir(run, cfg)
+    suffix = "mixture" if cfg.routing == "latent" else "routed"
+    artifact = run.export(work, REPORT, name=f"{run.cfg.export.name}-{suffix}")
+    evaluation = run.evaluate(work, REPORT)
+    _echo({"artifact": str(artifact), "fit": report["fit"], "held_out": report["held_out"],
+           "eval": {k: evaluation.get(k) for k in ("accuracy", "worst_subset", "groups", "n")}})  # fmt: skip
+
+
+@app.command()
 def finetune(
     config: Config,
     out: Out = None,
@@ -137,7 +191,8 @@ def evaluate_command(
     """Evaluate an artifact with its ONNX graph; writes report.json and PNG plots next to it.
 
     Reports pairwise accuracy overall and per subset, per-objective Pearson/Spearman/MSE on rated responses,
-    best-of-N accuracy, calibration (ECE of P(chosen ≻ rejected)), length bias and gating weights by subset;
+    best-of-N accuracy, calibration (ECE of P(chosen ≻ rejected)), length bias and gating weights by subset,
+    worst-group accuracy, a mixture's groups against the hidden label (ARI) and the few-shot adaptation curve;
     with --rules, each rule objective's mean and how often it prefers the chosen reply.
     """
     from polyreward.training.data import read_canonical

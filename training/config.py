@@ -17,6 +17,7 @@ from polyreward.models.runtime.errors import PolyrewardError, describe, field_na
 from polyreward.models.runtime.manifest import Precision
 from polyreward.training.data import DatasetSpec, load_specs
 from polyreward.training.finetune import FinetuneConfig
+from polyreward.training.mixture import MixtureTrainConfig
 from polyreward.training.stage2 import Stage2Config
 
 
@@ -65,6 +66,7 @@ class TrainConfig(_Strict):
     featurize: FeaturizeConfig = Field(default_factory=FeaturizeConfig)
     stage1: Stage1Config = Field(default_factory=Stage1Config)
     stage2: Stage2Config = Field(default_factory=Stage2Config)
+    mixture: MixtureTrainConfig = Field(default_factory=MixtureTrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -3,8 +3,9 @@
 Pairwise accuracy overall, per dataset and per subset; per-objective Pearson / Spearman / MSE and 90 % interval
 coverage on rated responses; best-of-N accuracy; calibration of P(chosen ≻ rejected) = sigmoid(score margin)
 as ECE, and of its probit form with the margin's epistemic σ (README, "Uncertainty"); length
-bias (Spearman of score with response length); mean gating weights per subset; mean uncertainty. Writes
-`report.json` and PNG plots next to the artifact.
+bias (Spearman of score with response length); mean gating weights per subset; mean uncertainty; and the
+pluralistic report (`polyreward.training.evaluate_groups`: worst-group accuracy, a mixture's groups against the
+hidden label, the few-shot curve). Writes `report.json` and PNG plots next to the artifact.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from polyreward.models.runtime.rules import RuleSet
 from polyreward.models.runtime.scorer import Scorer, ScoreResult
 from polyreward.service.postprocess import Recipe
 from polyreward.training.data.examples import Examples
+from polyreward.training.evaluate_groups import groups_report, plot_groups
 
 log = logging.getLogger("polyreward.eval")
 
@@ -96,6 +98,9 @@ def evaluate(
         "objectives": names,
     }
     report.update(_pairs_report(examples, paired, names, None if sigma is None else sigma[n_r : n_r + n_p]))
+    report["groups"] = groups_report(
+        examples, paired, scorer.manifest, report.get("subsets", {}), report.get("subset_sizes", {})
+    )
     report["ratings"] = _ratings_report(examples, rated, names, scales or {}, scorer)
     report["bon"] = _bon_report(examples, bon)
     responses = [it.as_messages()[-1].content for it in items]  # type: ignore[index]
@@ -115,6 +120,7 @@ def evaluate(
     (artifact / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if plots:
         _plots(artifact, report)
+        plot_groups(artifact, report)
     return report
 
 

@@ -28,6 +28,7 @@ from polyreward.training.config import TrainConfig
 from polyreward.training.data import Examples, PairExample, read_dataset, subsplit
 from polyreward.training.data.examples import scale_label
 from polyreward.training.featurize import FeatureCache
+from polyreward.training.heldout import held_out
 from polyreward.training.stage1 import (
     ObjectiveFit,
     fit_bradley_terry,
@@ -49,6 +50,15 @@ VERBOSITY = "verbosity"
 
 def _key(item: Item) -> str:
     return item.model_dump_json()
+
+
+def calibration(names: list[str], ref: np.ndarray, t: np.ndarray) -> dict:
+    """The reference responses' mean and std of each raw and debiased objective (the manifest's stats)."""
+
+    def stats(a):
+        return {n: {"mean": float(a[:, k].mean()), "std": float(a[:, k].std())} for k, n in enumerate(names)}
+
+    return {"calibration": stats(ref), "debiased_calibration": stats(ref @ t)}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -268,43 +278,55 @@ class Run:
         weight = np.array([tie_weight if p.tie else 1.0 for p in pairs])
         return PairTensors(delta, g, weight)
 
+    def debiasing(self, stage1: RewardHeads) -> tuple[np.ndarray, dict, np.ndarray]:
+        """(T, the λ per objective, the raw rewards of the reference responses) for stage 1's heads."""
+        names = [o.name for o in stage1.cfg.objectives]
+        items, _ = self.reference_responses()
+        ref = self._rewards(stage1, self.embed(items)[0])
+        verbosity = names.index(VERBOSITY) if VERBOSITY in names else None
+        return (*debias_transform(ref, verbosity, self.cfg.stage2.threshold), ref)
+
+    def gating_pairs(self, salt: str = "stage2") -> tuple[list[PairExample], list[PairExample]]:
+        """The training pairs stage 2 (and the mixtures) fit on, and the ones held out for early stopping."""
+        cfg = self.cfg.stage2
+        pairs = [p for p in self.examples.pairs if p.split == "train" and (cfg.tie_weight > 0 or not p.tie)]
+        if len(pairs) < 10:
+            raise ValueError(f"{self.cfg.source}: stage 2 needs preference pairs; found {len(pairs)}")
+        val = [subsplit(p.id, cfg.validation, salt) for p in pairs]
+        return [p for p, v in zip(pairs, val, strict=True) if not v], [
+            p for p, v in zip(pairs, val, strict=True) if v
+        ]
+
+    def assemble(
+        self, stage1: RewardHeads, t: np.ndarray, cfg: HeadsConfig, state: dict, path: Path
+    ) -> RewardHeads:
+        """Stage 1's regression and uncertainty with `state` (the gating's or mixture's tensors) and T, saved."""
+        heads = RewardHeads(cfg)
+        merged = {k: v for k, v in stage1.state_dict().items() if k != "transform"}
+        merged.update(state, transform=torch.tensor(t, dtype=torch.float32))
+        heads.load_state_dict({**heads.state_dict(), **merged})
+        save_heads(heads, path)
+        return heads
+
     def stage2(self) -> dict:
         """Debiasing transform + gating network; writes heads.safetensors and stage2.json (with baselines)."""
         cfg = self.cfg.stage2
         stage1 = load_heads(self.out / STAGE1_FILE)
         names = [o.name for o in stage1.cfg.objectives]
-        items, _ = self.reference_responses()
-        ref = self._rewards(stage1, self.embed(items)[0])
-        t, lambdas = debias_transform(
-            ref, names.index(VERBOSITY) if VERBOSITY in names else None, cfg.threshold
-        )
-
-        train_pairs = [
-            p for p in self.examples.pairs if p.split == "train" and (cfg.tie_weight > 0 or not p.tie)
-        ]
-        if len(train_pairs) < 10:
-            raise ValueError(f"{self.cfg.source}: stage 2 needs preference pairs; found {len(train_pairs)}")
-        val = np.array([subsplit(p.id, cfg.validation, "stage2") for p in train_pairs])
-        fit_pairs = [p for p, v in zip(train_pairs, val, strict=True) if not v]
-        val_pairs = [p for p, v in zip(train_pairs, val, strict=True) if v]
+        t, lambdas, ref = self.debiasing(stage1)
+        fit_pairs, val_pairs = self.gating_pairs()
         net, gating_report = train_gating(
             self._pair_tensors(stage1, t, fit_pairs, cfg.tie_weight),
             self._pair_tensors(stage1, t, val_pairs, cfg.tie_weight),
             stage1.cfg.hidden_size, cfg, progress=self.progress,
         )  # fmt: skip
-
-        heads = RewardHeads(
-            HeadsConfig(
-                objectives=stage1.cfg.objectives, hidden_size=stage1.cfg.hidden_size, kind="moe",
-                gating=GatingConfig(temperature=cfg.temperature, hidden_dim=cfg.hidden_dim, n_hidden=cfg.n_hidden),
-                uncertainty_rank=stage1.cfg.uncertainty_rank, normalize=stage1.cfg.normalize,
-            )
+        heads_cfg = HeadsConfig(
+            objectives=stage1.cfg.objectives, hidden_size=stage1.cfg.hidden_size, kind="moe",
+            gating=GatingConfig(temperature=cfg.temperature, hidden_dim=cfg.hidden_dim, n_hidden=cfg.n_hidden),
+            uncertainty_rank=stage1.cfg.uncertainty_rank, normalize=stage1.cfg.normalize,
         )  # fmt: skip
-        state = {k: v for k, v in stage1.state_dict().items() if k != "transform"}
-        state.update({f"gating.{k}": v for k, v in net.state_dict().items()})
-        state["transform"] = torch.tensor(t, dtype=torch.float32)
-        heads.load_state_dict({**heads.state_dict(), **state})
-        save_heads(heads, self.out / HEADS_FILE)
+        state = {f"gating.{k}": v for k, v in net.state_dict().items()}
+        self.assemble(stage1, t, heads_cfg, state, self.out / HEADS_FILE)
 
         after = ref @ t
         report = {
@@ -317,54 +339,21 @@ class Run:
                 for j, lam in lambdas.items()
             },
             "gating": gating_report,
-            "calibration": {
-                n: {"mean": float(ref[:, k].mean()), "std": float(ref[:, k].std())}
-                for k, n in enumerate(names)
-            },
-            "debiased_calibration": {
-                n: {"mean": float(after[:, k].mean()), "std": float(after[:, k].std())}
-                for k, n in enumerate(names)
-            },
-            "held_out": self._held_out_comparison(stage1, t, net, fit_pairs, val),
+            **calibration(names, ref, t),
+            "held_out": held_out(self, stage1, t, {"gated": net}),
         }
         _write_json(self.out / "stage2.json", report)
         return report
 
-    def _held_out_comparison(self, stage1, t, net, fit_pairs, val) -> dict:
-        """Accuracy on held-out pairs: gated model vs (a) uniform average of its objectives, (b) a linear probe."""
-        test = [p for p in self.examples.pairs if p.split == "test" and not p.tie]
-        if not test:
-            return {}
-        train = [p for p in self.examples.pairs if p.split == "train" and not p.tie]
-        xc, xr, pval = self._pair_arrays(train, self.cfg.stage2.validation, "stage2")
-        probe = fit_bradley_terry(xc, xr, pval, rank=1)
-        tc, g = self.embed([p.items[0] for p in test])
-        tr, _ = self.embed([p.items[1] for p in test])
-        delta = (self._rewards(stage1, tc) - self._rewards(stage1, tr)) @ t
-        with torch.no_grad():
-            gates = net(torch.tensor(g, dtype=torch.float32)).double().numpy()
-        margins = {
-            "gated": (gates * delta).sum(-1),
-            "uniform_average": delta.mean(-1),
-            "linear_probe": (tc - tr) @ probe.weight,
-        }
-        datasets = sorted({p.dataset for p in test})
-        out = {}
-        for name, m in margins.items():
-            correct = m > 0
-            out[name] = {
-                "accuracy": float(correct.mean()),
-                "datasets": {d: float(correct[[p.dataset == d for p in test]].mean()) for d in datasets},
-            }
-        out["n"] = len(test)
-        return out
-
     # -- export and eval -----------------------------------------------------------------------------
 
-    def export(self) -> Path:
+    def export(self, work: Path | None = None, report: str = "stage2.json", name: str | None = None) -> Path:
+        """The heads in `work` (default: OUT, stage 2's) exported to `work`/artifact, with the calibration
+        stats and held-out metrics of its `report`."""
         from polyreward.models.torch.export import ExportOptions, export_artifact
 
-        stage2 = json.loads((self.out / "stage2.json").read_text())
+        work = work or self.out
+        stage2 = json.loads((work / report).read_text())
 
         def stats(key: str) -> dict[str, CalibrationStat] | None:
             return {n: CalibrationStat(**c) for n, c in stage2[key].items()} if key in stage2 else None
@@ -380,19 +369,20 @@ class Run:
         }
         e = self.cfg.export
         options = ExportOptions(
-            precisions=e.precisions, name=e.name, version=e.version, max_length=self.cache.policy.max_length,
+            precisions=e.precisions, name=name or e.name, version=e.version, max_length=self.cache.policy.max_length,
             overwrite=True, calibration=stats("calibration"), debiased_calibration=stats("debiased_calibration"),
             uncertainty=uncertainty, metrics=metrics,
             provenance={"training_config": self.cfg.source, "datasets": [d.name for d in self.cfg.datasets]},
         )  # fmt: skip
-        export_artifact(self.backbone, self.out / HEADS_FILE, self.out / ARTIFACT_DIR, options)
-        return self.out / ARTIFACT_DIR
+        export_artifact(self.backbone, work / HEADS_FILE, work / ARTIFACT_DIR, options)
+        return work / ARTIFACT_DIR
 
-    def evaluate(self) -> dict:
+    def evaluate(self, work: Path | None = None, report: str = "stage2.json") -> dict:
         from polyreward.training.evaluate import evaluate
 
+        work = work or self.out
         return evaluate(
-            self.out / ARTIFACT_DIR, self.examples.where("test"), precision=self.cfg.eval.precision,
+            work / ARTIFACT_DIR, self.examples.where("test"), precision=self.cfg.eval.precision,
             scales=self.scales(), progress=self.progress,
-            baselines=json.loads((self.out / "stage2.json").read_text()).get("held_out"),
+            baselines=json.loads((work / report).read_text()).get("held_out"),
         )  # fmt: skip

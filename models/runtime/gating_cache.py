@@ -9,8 +9,10 @@ one-token prompt row instead of its prompts, and its score is recomputed from th
 
     score = Σ_k g_k · (r @ T)_k        (g: the cached gating weights, r: the raw rewards, T: manifest.transform)
 
-which is the graph's formula (`polyreward.models.torch.heads.RewardHeads.forward`). Bounded, least recently
-used first out, thread-safe (the service collates and runs batches on different threads).
+which is the graph's formula (`polyreward.models.torch.heads.RewardHeads.forward`). Mixture heads' router
+probabilities and group weightings depend on the prompt alone too: they are remembered with the gating, and
+`group_scores_m = Σ_k G_mk (r @ T)_k` is recomputed the same way. Bounded, least recently used first out,
+thread-safe (the service collates and runs batches on different threads).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from collections.abc import Sequence
 import numpy as np
 
 DEFAULT_ITEMS = 8192  # prompts remembered; a 512-token key is 2 KiB, so at most ~20 MB
+PROMPT_OUTPUTS = (
+    "gating",
+    "group_probs",
+    "group_gating",
+)  # the graph outputs that depend on the prompt alone
+Remembered = dict[str, np.ndarray]
 
 
 def prompt_key(prompt_ids: Sequence[int]) -> bytes:
@@ -33,14 +41,14 @@ class GatingCache:
         if max_items < 1:
             raise ValueError("max_items must be positive")
         self.max_items = max_items
-        self._data: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._data: OrderedDict[bytes, Remembered] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._data)
 
-    def get(self, key: bytes) -> np.ndarray | None:
+    def get(self, key: bytes) -> Remembered | None:
         with self._lock:
             gating = self._data.get(key)
             if gating is None:
@@ -55,9 +63,9 @@ class GatingCache:
         with self._lock:
             return key in self._data
 
-    def put(self, key: bytes, gating: np.ndarray) -> None:
-        with self._lock:
-            self._data[key] = np.array(gating, np.float32)  # a copy: the batch's output array is not kept
+    def put(self, key: bytes, outputs: Remembered) -> None:
+        with self._lock:  # copies: the batch's output arrays are not kept
+            self._data[key] = {name: np.array(v, np.float32) for name, v in outputs.items()}
             self._data.move_to_end(key)
             while len(self._data) > self.max_items:
                 self._data.popitem(last=False)
@@ -70,10 +78,10 @@ class GatingCache:
 
 class Feeds(dict):
     """A batch's graph inputs, plus what the gating cache decided for its items: `cached` maps a row to the
-    gating weights it reuses (its prompt row was replaced by the one-token row), `fill` maps a row whose
-    prompt was computed to the key its weights are remembered under."""
+    prompt outputs it reuses (its prompt row was replaced by the one-token row), `fill` maps a row whose
+    prompt was computed to the key its outputs are remembered under."""
 
-    def __init__(self, arrays: dict, cached: dict[int, np.ndarray], fill: dict[int, bytes]):
+    def __init__(self, arrays: dict, cached: dict[int, Remembered], fill: dict[int, bytes]):
         super().__init__(arrays)
         self.cached, self.fill = cached, fill
 
@@ -81,12 +89,17 @@ class Feeds(dict):
 def apply(
     cache: GatingCache, feeds: Feeds, outputs: dict[str, np.ndarray], transform: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """The graph's outputs with the cached items' gating and score put back, and the new prompts remembered."""
+    """The graph's outputs with the cached items' prompt outputs and scores put back, and the new prompts
+    remembered."""
+    names = [n for n in PROMPT_OUTPUTS if n in outputs]
     for row, key in feeds.fill.items():
-        cache.put(key, outputs["gating"][row])
+        cache.put(key, {n: outputs[n][row] for n in names})
     if feeds.cached:
         rows = np.fromiter(feeds.cached, np.int64)
-        gating = np.stack(list(feeds.cached.values()))
-        outputs["gating"][rows] = gating
-        outputs["score"][rows] = (gating * (outputs["rewards"][rows] @ transform)).sum(-1)
+        for n in names:
+            outputs[n][rows] = np.stack([c[n] for c in feeds.cached.values()])
+        debiased = outputs["rewards"][rows] @ transform
+        outputs["score"][rows] = (outputs["gating"][rows] * debiased).sum(-1)
+        if "group_scores" in outputs:
+            outputs["group_scores"][rows] = (outputs["group_gating"][rows] * debiased[:, None, :]).sum(-1)
     return outputs

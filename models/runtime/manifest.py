@@ -15,8 +15,9 @@ from polyreward.models.runtime.objectives import Objective, check_objectives
 
 # 2 added input.gating_marker (an old reader must not serve such an artifact with the wrong gating position).
 # 3 added transform (the debiased space) and uncertainty (residual variances, conformal multipliers).
-SCHEMA_VERSION = 3
-SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
+# 4 added mixture heads (head.kind "mixture", head.groups, head.routing; the group_* graph outputs).
+SCHEMA_VERSION = 4
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, 4)
 CONFORMAL_LEVELS = tuple(round(0.01 * i, 2) for i in range(1, 100))
 
 # int8: per-row activation scales, batch-invariant; int8-dynamic: ONNX Runtime's dynamic quantization, one
@@ -42,12 +43,27 @@ class BackboneInfo(_Strict):
 
 
 class HeadInfo(_Strict):
-    kind: Literal["moe", "fixed"] = Field(
-        description="moe: prompt-conditioned gating; fixed: constant weights"
+    kind: Literal["moe", "fixed", "mixture"] = Field(
+        description="moe: prompt-conditioned gating; fixed: constant weights; mixture: groups, each a weighting "
+        "of the debiased objectives, mixed by a router on the prompt"
     )
     gating_temperature: float | None = None
     gating_hidden_dim: int | None = None
     gating_n_hidden: int | None = None
+    groups: list[str] | None = Field(
+        None, description="mixture heads: the groups, in the order of group_* outputs"
+    )
+    routing: Literal["latent", "category"] | None = Field(
+        None, description="mixture heads: latent preference groups, or one group per task category"
+    )
+
+    @model_validator(mode="after")
+    def _groups(self) -> HeadInfo:
+        if (self.kind == "mixture") != bool(self.groups):
+            raise ValueError("head.groups: mixture heads name their groups, and only they have groups")
+        if self.groups and len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"head.groups: names must be distinct: {self.groups}")
+        return self
 
 
 Truncation = Literal["left", "error"]

@@ -41,18 +41,27 @@ class ScoreResult:
     tokens: int
     truncated: bool
     uncertainty: list[float] | None = None  # posterior std per objective, when the heads carry it
+    # mixture heads (`manifest.head.groups`): the router's probabilities [M], each group's score [M] and
+    # weighting of the debiased objectives [M][K]
+    group_probs: list[float] | None = None
+    group_scores: list[float] | None = None
+    group_gating: list[list[float]] | None = None
 
     @classmethod
     def from_outputs(cls, encoded: Encoded, row: dict[str, np.ndarray]) -> ScoreResult:
         """One item's result from its row of the graph outputs."""
-        uncertainty = row.get("uncertainty")
+        optional = {
+            name: row[name].tolist()
+            for name in ("uncertainty", "group_probs", "group_scores", "group_gating")
+            if name in row
+        }
         return cls(
             score=float(row["score"]),
             rewards=row["rewards"].tolist(),
             gating=row["gating"].tolist(),
             tokens=encoded.tokens,
             truncated=encoded.truncated,
-            uncertainty=None if uncertainty is None else uncertainty.tolist(),
+            **optional,
         )
 
 
@@ -127,16 +136,16 @@ class Scorer:
         back); the cache is skipped with `dedup_prompts` off, the baseline where every item has its own pass.
         """
         dedup = (policy or self.policy).dedup_prompts
-        cached: dict[int, np.ndarray] = {}
+        cached: dict[int, dict[str, np.ndarray]] = {}
         fill: dict[int, bytes] = {}
         if self.gating_cache is not None and dedup:
             batch = list(batch)
             for row, e in enumerate(batch):
                 key = prompt_key(e.prompt_ids or ())
-                if (gating := self.gating_cache.get(key)) is None:
+                if (remembered := self.gating_cache.get(key)) is None:
                     fill[row] = key
                 else:
-                    cached[row], batch[row] = gating, replace(e, prompt_ids=self._stand_in)
+                    cached[row], batch[row] = remembered, replace(e, prompt_ids=self._stand_in)
         arrays = collate(
             batch,
             kind=self.builder.kind,

@@ -215,6 +215,8 @@ def _manifest(
             gating_temperature=gating.temperature if gating else None,
             gating_hidden_dim=gating.hidden_dim if gating else None,
             gating_n_hidden=gating.n_hidden if gating else None,
+            groups=heads.mixture.groups if heads.mixture else None,
+            routing=heads.mixture.routing if heads.mixture else None,
         ),
         input=policy,
         graphs=graphs,

@@ -6,6 +6,14 @@ Layout and semantics follow ArmoRM (RLHFlow/ArmoRM-Llama3-8B-v0.1):
     gating  = softmax(MLP(gating_emb) / T) * logit_scale    [N, K]   (moe)   or   fixed weights (fixed)
     score   = sum(gating * (rewards @ transform), -1)       [N]
 
+Mixture heads (`kind: mixture`) carry M groups, each a weighting of the debiased objectives, and a router
+π(prompt) over them (README, "Pluralistic and routed models"):
+
+    group_gating = G [N, M, K]: fixed per group (softmax(θ_m) * s_m), or a gating network per group
+    group_probs  = π = softmax(router(gating_emb) / T_router)            [N, M]
+    group_scores = Σ_k G_mk (r @ T)_k                                   [N, M]
+    gating       = Σ_m π_m G_m,   so   score = Σ_m π_m group_scores_m   (the router's mixture)
+
 Heads fitted in closed form (stage 1) also carry each objective's posterior uncertainty, a fourth output:
 
     uncertainty = sqrt(scale * z' A^-1 z),  z = reward_emb - mean_k                         [N, K]
@@ -38,6 +46,7 @@ from polyreward.models.runtime.objectives import Objective, check_objectives
 
 HEADS_METADATA_KEY = "polyreward.heads"
 OUTPUTS = ["rewards", "gating", "score"]
+GROUP_OUTPUTS = ["group_probs", "group_scores", "group_gating"]
 
 
 class HeadsError(PolyrewardError, ValueError):
@@ -51,12 +60,30 @@ class GatingConfig(BaseModel):
     n_hidden: int = Field(3, ge=0)
 
 
+class MixtureConfig(BaseModel):
+    """M groups and the router between them (`kind: mixture`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    groups: list[str] = Field(min_length=1, description="group names, in output order")
+    router: GatingConfig = Field(
+        default_factory=lambda: GatingConfig(temperature=1.0, hidden_dim=256, n_hidden=1)
+    )
+    routing: Literal["latent", "category"] = Field(
+        "latent", description="latent: groups found without labels; category: one group per task category"
+    )
+    components: Literal["fixed", "gated"] = Field(
+        "fixed", description="a group's weighting: fixed, or a gating network of its own (per category)"
+    )
+    component_gating: GatingConfig | None = None
+
+
 class HeadsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     objectives: list[Objective]
     hidden_size: int = Field(ge=1, description="backbone hidden size D the heads read")
-    kind: Literal["moe", "fixed"] = "moe"
+    kind: Literal["moe", "fixed", "mixture"] = "moe"
     gating: GatingConfig | None = None
+    mixture: MixtureConfig | None = None
     uncertainty_rank: int = Field(
         0, ge=0, description="rank of the stored posterior factors; 0 = no uncertainty output"
     )
@@ -66,6 +93,10 @@ class HeadsConfig(BaseModel):
         check_objectives(self.objectives)
         if self.kind == "moe" and self.gating is None:
             self.gating = GatingConfig()
+        if (self.kind == "mixture") != (self.mixture is not None):
+            raise ValueError("mixture: give it exactly when kind is 'mixture'")
+        if self.mixture and self.mixture.components == "gated" and self.mixture.component_gating is None:
+            self.mixture.component_gating = GatingConfig()
 
 
 class GatingNetwork(nn.Module):
@@ -86,6 +117,34 @@ class GatingNetwork(nn.Module):
         return torch.softmax(x / self.temperature, dim=-1) * self.logit_scale
 
 
+class Mixture(nn.Module):
+    """The router and the groups' weightings of a mixture head: (π [N, M], G [N, M, K]) from the gating
+    embedding."""
+
+    def __init__(self, in_features: int, k: int, cfg: MixtureConfig):
+        super().__init__()
+        self.cfg = cfg
+        m = len(cfg.groups)
+        self.router = GatingNetwork(in_features, m, cfg.router)
+        self.router.logit_scale.requires_grad_(False)  # probabilities: the scale stays 1
+        if cfg.components == "fixed":
+            self.group_logits = nn.Parameter(torch.zeros(m, k))
+            self.group_scale = nn.Parameter(torch.ones(m))
+            self.components = None
+        else:
+            gating = cfg.component_gating or GatingConfig()
+            self.components = nn.ModuleList(GatingNetwork(in_features, k, gating) for _ in range(m))
+
+    def group_gating(self, x: torch.Tensor) -> torch.Tensor:
+        if self.components is not None:
+            return torch.stack([c(x) for c in self.components], 1)
+        fixed = torch.softmax(self.group_logits, -1) * self.group_scale[:, None]
+        return fixed.expand(len(x), *fixed.shape)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.router(x), self.group_gating(x)
+
+
 class RewardHeads(nn.Module):
     """Everything after pooling. Runs in float32 whatever the backbone's dtype."""
 
@@ -95,6 +154,7 @@ class RewardHeads(nn.Module):
         k, d = len(cfg.objectives), cfg.hidden_size
         self.regression = nn.Linear(d, k)
         self.gating = GatingNetwork(d, k, cfg.gating) if cfg.kind == "moe" and cfg.gating else None
+        self.mixture = Mixture(d, k, cfg.mixture) if cfg.mixture else None
         self.register_buffer("transform", torch.eye(k))
         self.register_buffer("fixed_weights", torch.full((k,), 1.0 / k))
         if cfg.uncertainty_rank:
@@ -105,11 +165,12 @@ class RewardHeads(nn.Module):
 
     @property
     def needs_gating_input(self) -> bool:
-        return self.gating is not None
+        return self.gating is not None or self.mixture is not None
 
     @property
     def output_names(self) -> list[str]:
-        return [*OUTPUTS, "uncertainty"] if self.cfg.uncertainty_rank else OUTPUTS
+        names = [*OUTPUTS, "uncertainty"] if self.cfg.uncertainty_rank else list(OUTPUTS)
+        return [*names, *GROUP_OUTPUTS] if self.mixture is not None else names
 
     def uncertainty(self, reward_emb: torch.Tensor) -> torch.Tensor:
         """Posterior standard deviation of each objective's reward [N, K], from the (normalized) embedding."""
@@ -125,18 +186,25 @@ class RewardHeads(nn.Module):
         if self.cfg.normalize:
             reward_emb = nn.functional.normalize(reward_emb, dim=-1)
         rewards = self.regression(reward_emb)
-        if self.gating is not None:
-            assert gating_emb is not None, "moe heads need the gating embedding"
+        if self.needs_gating_input:
+            assert gating_emb is not None, "moe and mixture heads need the gating embedding"
             gating_emb = gating_emb.float()
             if self.cfg.normalize:
                 gating_emb = nn.functional.normalize(gating_emb, dim=-1)
+        groups: tuple[torch.Tensor, ...] = ()
+        debiased = rewards @ self.transform
+        if self.mixture is not None:
+            probs, group_gating = self.mixture(gating_emb)
+            gating = (probs[:, :, None] * group_gating).sum(1)
+            groups = (probs, (group_gating * debiased[:, None, :]).sum(-1), group_gating)
+        elif self.gating is not None:
             gating = self.gating(gating_emb)
         else:
             gating = self.fixed_weights.expand_as(rewards)
-        score = (gating * (rewards @ self.transform)).sum(-1)
+        score = (gating * debiased).sum(-1)
         if self.cfg.uncertainty_rank:
-            return rewards, gating, score, self.uncertainty(reward_emb)
-        return rewards, gating, score
+            return rewards, gating, score, self.uncertainty(reward_emb), *groups
+        return rewards, gating, score, *groups
 
 
 def save_heads(heads: RewardHeads, path: str | Path) -> None:

@@ -38,6 +38,9 @@ DYNAMIC_AXES = {
     "gating": {0: "batch"},
     "score": {0: "batch"},
     "uncertainty": {0: "batch"},
+    "group_probs": {0: "batch"},
+    "group_scores": {0: "batch"},
+    "group_gating": {0: "batch"},
     "reward_embedding": {0: "batch"},
     "gating_embedding": {0: "batch"},
 }

@@ -74,7 +74,7 @@ def test_the_gating_cache_reuses_a_prompts_weights_and_changes_no_score(export_f
     cached.gating_cache.clear()
     small = GatingCache(max_items=2)
     for i in range(3):
-        small.put(prompt_key([i]), np.ones(2))
+        small.put(prompt_key([i]), {"gating": np.ones(2)})
     assert len(small) == 2 and small.get(prompt_key([0])) is None  # the oldest left first
 
 
