@@ -57,11 +57,11 @@ class MixtureTrainConfig(BaseModel):
     component_hidden_dim: int = Field(256, ge=1)
     component_n_hidden: int = Field(2, ge=0)
     component_temperature: float = Field(10.0, gt=0)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(1e-2, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(512, ge=1)
-    max_epochs: int = Field(200, ge=1)
-    patience: int = Field(15, ge=1)
+    max_epochs: int = Field(1000, ge=1)
+    patience: int = Field(50, ge=1, description="epochs without validation improvement before stopping")
     seed: int = 0
 
     def mixture_config(self, groups: Sequence[str], components: str) -> MixtureConfig:
@@ -95,12 +95,29 @@ def _tensors(t: PairTensors) -> tuple[torch.Tensor, ...]:
     return as_t(t.gating_emb), as_t(t.delta), as_t(t.weight)
 
 
-def mixture_nll(net: Mixture, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """−(1/Σw) Σ_i w_i log Σ_m π_m(x_i) σ(G_m(x_i) · Δ_i): the latent mixture's loss (mean per pair)."""
+def pair_nll(net: Mixture, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """−log Σ_m π_m(x_i) σ(G_m(x_i) · Δ_i) for each pair [P]."""
     probs, gating = net(x)
     log_p = torch.nn.functional.logsigmoid((gating * delta[:, None, :]).sum(-1))  # [P, M]
-    nll = -torch.logsumexp(log_p + torch.log(probs.clamp_min(1e-12)), -1)
-    return (nll * weight).sum() / weight.sum()
+    return -torch.logsumexp(log_p + torch.log(probs.clamp_min(1e-12)), -1)
+
+
+def mixture_nll(net: Mixture, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """−(1/Σw) Σ_i w_i log Σ_m π_m(x_i) σ(G_m(x_i) · Δ_i): the latent mixture's loss (mean per pair)."""
+    return (pair_nll(net, x, delta) * weight).sum() / weight.sum()
+
+
+def one_standard_error(losses: dict[int, np.ndarray], weight: np.ndarray) -> int:
+    """The smallest M whose mean validation loss is within one standard error of the best one's, the error
+    taken over the per-pair differences from the best M (the pairs are shared, so they are paired)."""
+    mean = lambda v: float((v * weight).sum() / weight.sum())  # noqa: E731
+    best = min(losses, key=lambda m: mean(losses[m]))
+    used = weight > 0
+    for m in sorted(losses):
+        diff = (losses[m] - losses[best])[used]
+        if m == best or mean(losses[m]) - mean(losses[best]) <= diff.std(ddof=1) / np.sqrt(len(diff)):
+            return m
+    return best
 
 
 def served_nll(net: Mixture, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -148,15 +165,15 @@ def _fit(
 def fit_latent(
     train: PairTensors, val: PairTensors, hidden: int, cfg: MixtureTrainConfig, *, progress: bool = True
 ) -> tuple[Mixture, dict]:
-    """Latent groups: for each M in `cfg.groups`, the best of `cfg.restarts` fits by validation likelihood;
-    returns the best M's heads and every candidate's validation loss."""
+    """Latent groups: for each M in `cfg.groups` the best of `cfg.restarts` fits by validation likelihood, and
+    of those the smallest M within one standard error of the best (`one_standard_error`); returns its heads
+    and every candidate's validation loss."""
     from tqdm import tqdm
 
     k = train.delta.shape[1]
     tr, va = _tensors(train), _tensors(val)
-    candidates: dict[int, float] = {}
-    best: tuple[float, Mixture | None, int, int] = (float("inf"), None, 0, 0)
-    runs = [(m, r) for m in cfg.groups for r in range(cfg.restarts)]
+    best: dict[int, tuple[float, Mixture, int]] = {}
+    runs = [(m, r) for m in sorted(set(cfg.groups)) for r in range(cfg.restarts)]
     for m, restart in tqdm(runs, desc="mixture", unit="fit", disable=not progress):
         seed = cfg.seed + 1000 * m + restart
         torch.manual_seed(seed)
@@ -165,13 +182,18 @@ def fit_latent(
             with torch.no_grad():
                 net.group_logits.normal_(0.0, 1.0)
         loss, epoch = _fit(net, mixture_nll, tr, va, cfg, seed)
-        candidates[m] = min(candidates.get(m, float("inf")), loss)
         log.info("mixture M=%d start %d: validation loss %.4f (epoch %d)", m, restart, loss, epoch)
-        if loss < best[0]:
-            best = (loss, net, m, epoch)
-    loss, net, m, epoch = best
-    assert net is not None
-    return net, {"groups": m, "val_loss": loss, "best_epoch": epoch, "candidates": candidates}
+        if m not in best or loss < best[m][0]:
+            best[m] = (loss, net, epoch)
+    with torch.no_grad():
+        per_pair = {m: pair_nll(net, va[0], va[1]).double().numpy() for m, (_, net, _) in best.items()}
+    m = one_standard_error(per_pair, va[2].double().numpy())
+    loss, net, epoch = best[m]
+    candidates = {n: v[0] for n, v in best.items()}
+    return net, {
+        "groups": m, "val_loss": loss, "best_epoch": epoch, "candidates": candidates,
+        "selection": "the smallest M within one standard error of the best validation loss",
+    }  # fmt: skip
 
 
 def fit_routed(

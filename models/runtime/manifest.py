@@ -9,13 +9,15 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from polyreward.models.runtime.objectives import Objective, check_objectives
 
 # 2 added input.gating_marker (an old reader must not serve such an artifact with the wrong gating position).
 # 3 added transform (the debiased space) and uncertainty (residual variances, conformal multipliers).
 # 4 added mixture heads (head.kind "mixture", head.groups, head.routing; the group_* graph outputs).
+# An artifact records the lowest version that describes it (`Manifest.schema_version`), so a reader of 3 keeps
+# serving the artifacts without mixture heads.
 SCHEMA_VERSION = 4
 SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, 4)
 CONFORMAL_LEVELS = tuple(round(0.01 * i, 2) for i in range(1, 100))
@@ -64,6 +66,11 @@ class HeadInfo(_Strict):
         if self.groups and len(set(self.groups)) != len(self.groups):
             raise ValueError(f"head.groups: names must be distinct: {self.groups}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_groups(self, handler) -> dict:  # heads without groups are written as before version 4
+        out = handler(self)
+        return out if self.groups else {k: v for k, v in out.items() if k not in ("groups", "routing")}
 
 
 Truncation = Literal["left", "error"]
@@ -158,6 +165,10 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         check_objectives(self.objectives)
+        if "schema_version" not in self.model_fields_set and self.head.kind != "mixture":
+            self.schema_version = 3  # the lowest version that describes it (see SCHEMA_VERSION)
+        if self.head.kind == "mixture" and self.schema_version < 4:
+            raise ValueError("schema_version: mixture heads need schema 4")
         if self.backbone.kind == "encoder" and self.input.padding_side == "left":
             # ORT's fused Attention reads the mask as per-row lengths (ReduceSum), which assumes right padding.
             raise ValueError("input.padding_side: encoders must be right-padded")

@@ -139,7 +139,7 @@ class Mixture(nn.Module):
         if self.components is not None:
             return torch.stack([c(x) for c in self.components], 1)
         fixed = torch.softmax(self.group_logits, -1) * self.group_scale[:, None]
-        return fixed.expand(len(x), *fixed.shape)
+        return torch.zeros_like(x[:, :1, None]) + fixed  # [N, M, K]; the batch axis stays dynamic in a trace
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.router(x), self.group_gating(x)

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from polyreward.models.runtime.objectives import Objective
-from polyreward.models.torch.heads import GatingConfig, HeadsConfig, RewardHeads, save_heads
+from polyreward.models.torch.heads import GatingConfig, HeadsConfig, MixtureConfig, RewardHeads, save_heads
 
 # Llama 3's own chat template.
 LLAMA3_TEMPLATE = (
@@ -212,19 +212,29 @@ def tiny_classifier(out: Path, family: str, labels: list[str] | None = None) -> 
     return out
 
 
-def random_heads(path: Path, hidden: int, k: int = 3, kind: str = "moe", seed: int = 0) -> Path:
-    """Heads with random weights (for exact-parity tests, where values need not mean anything)."""
+def random_heads(
+    path: Path, hidden: int, k: int = 3, kind: str = "moe", seed: int = 0, components: str = "fixed"
+) -> Path:
+    """Heads with random weights (for exact-parity tests, where values need not mean anything); mixture
+    heads have two groups, 'a' and 'b', with `components` fixed or gated."""
     torch.manual_seed(seed)
+    small = GatingConfig(temperature=2.0, hidden_dim=32, n_hidden=2)
     cfg = HeadsConfig(
         objectives=[Objective(name=f"objective{i}") for i in range(k)],
         hidden_size=hidden,
         kind=kind,
-        gating=GatingConfig(temperature=2.0, hidden_dim=32, n_hidden=2) if kind == "moe" else None,
-    )
+        gating=small if kind == "moe" else None,
+        mixture=MixtureConfig(
+            groups=["a", "b"], router=small, components=components, component_gating=small
+        ) if kind == "mixture" else None,
+    )  # fmt: skip
     heads = RewardHeads(cfg)
     with torch.no_grad():
         heads.transform.copy_(torch.eye(k) + 0.1 * torch.randn(k, k))
         if heads.gating is not None:
             heads.gating.logit_scale.fill_(1.7)
+        if heads.mixture is not None and heads.mixture.components is None:
+            heads.mixture.group_logits.normal_()
+            heads.mixture.group_scale.uniform_(0.5, 2.0)
     save_heads(heads, path)
     return path

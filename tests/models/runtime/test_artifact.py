@@ -45,6 +45,16 @@ def test_missing_file_is_refused_naming_the_file(artifact):
         Scorer(artifact, precision="fp32", device="cpu")
 
 
+def test_an_artifact_without_groups_records_schema_3_and_no_group_fields(artifact):
+    """Only mixture heads need schema 4, so a reader of schema 3 keeps serving every other artifact."""
+    raw = json.loads((artifact / MANIFEST).read_text())
+    assert raw["schema_version"] == 3
+    assert "groups" not in raw["head"] and "routing" not in raw["head"]
+    edit_manifest(artifact, lambda m: m["head"].update(kind="mixture", groups=["a", "b"]))
+    with pytest.raises(ArtifactError, match=r"schema_version: mixture heads need schema 4"):
+        load_manifest(artifact)
+
+
 def test_unknown_schema_version_is_refused_clearly(artifact):
     edit_manifest(artifact, lambda m: m.update(schema_version=99))
     with pytest.raises(
