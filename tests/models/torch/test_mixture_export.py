@@ -22,7 +22,9 @@ def mixture_artifacts(tmp_path_factory, backbone_dirs, random_heads):
     for family, components in [("llama", "fixed"), ("llama", "gated"), ("minilm", "fixed")]:
         root = tmp_path_factory.mktemp(f"mixture-{family}-{components}")
         hidden = AutoConfig.from_pretrained(backbone_dirs[family]).hidden_size
-        heads = random_heads(root / "heads.safetensors", hidden, kind="mixture", seed=5, components=components)
+        heads = random_heads(
+            root / "heads.safetensors", hidden, kind="mixture", seed=5, components=components
+        )
         options = ExportOptions(precisions=["fp32"], max_length=256, name=f"mixture-{components}")
         export_artifact(backbone_dirs[family], heads, root / "artifact", options)
         built[family, components] = root / "artifact"
@@ -34,7 +36,8 @@ def test_mixture_graph_matches_pytorch(family, components, mixture_artifacts, ba
     artifact = mixture_artifacts[family, components]
     manifest = load_manifest(artifact)
     assert manifest.schema_version == 4  # version 3 for every artifact without groups (tests/models/runtime)
-    assert (manifest.head.kind, manifest.head.groups, manifest.head.routing) == ("mixture", ["a", "b"], "latent")
+    head = manifest.head
+    assert (head.kind, head.groups, head.routing) == ("mixture", ["a", "b"], "latent")
     scorer = Scorer(artifact, precision="fp32", device="cpu", gating_cache=0)
     assert set(GROUP_OUTPUTS) <= set(scorer.output_names)
     _, backbone, _ = load_backbone(backbone_dirs[family])
