@@ -13,6 +13,8 @@ from polyreward.service.recipe import RecipeError, RecipeSpec
 def check_groups(spec: RecipeSpec, aggregate: str, groups: tuple[str, ...], model: str) -> None:
     """A recipe that reads groups needs a model with them, group_weights go with aggregate 'groups' (and
     objective weights not), and they name the model's groups."""
+    if spec.group_weights is not None and not groups:
+        raise RecipeError(f"group_weights: model {model!r} has no groups (not a mixture model)", "no_groups")
     if aggregate in ("groups", "worst_group") and not groups:
         raise RecipeError(
             f"aggregate: model {model!r} has no groups ({aggregate!r} needs a mixture model)", "no_groups"
@@ -27,10 +29,6 @@ def check_groups(spec: RecipeSpec, aggregate: str, groups: tuple[str, ...], mode
             "group_weights: give them exactly when aggregate is 'groups'", "conflicting_options"
         )
     if spec.group_weights is not None:
-        if not groups:
-            raise RecipeError(
-                f"group_weights: model {model!r} has no groups (not a mixture model)", "no_groups"
-            )
         unknown = sorted(set(spec.group_weights) - set(groups))
         if unknown:
             raise RecipeError(
