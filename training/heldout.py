@@ -15,9 +15,14 @@ if TYPE_CHECKING:
 
 
 def held_out(run: Run, stage1, t: np.ndarray, gatings: Mapping[str, torch.nn.Module]) -> dict:
-    """Accuracy on the held-out pairs, overall, per dataset and its worst dataset: each of `gatings` (a module
-    from the gating embedding to the weights of the debiased objectives; a mixture's is Σ_m π_m G_m) against
-    (a) the uniform average of the objectives and (b) a linear probe on the embeddings."""
+    """Accuracy on the held-out pairs, overall, per dataset and per hidden label (the objective a pair was
+    labelled for: RMB's goal, HH's harmlessness), with the worst of each: each of `gatings` (a module from the
+    gating embedding to the weights of the debiased objectives; a mixture's is Σ_m π_m G_m) against (a) the
+    uniform average of the objectives and (b) a linear probe on the embeddings. `ari` compares the hidden
+    labels with each gating's partition of the prompts: a mixture's most probable group, a single gating's
+    heaviest objective."""
+    from sklearn.metrics import adjusted_rand_score
+
     test = [p for p in run.examples.pairs if p.split == "test" and not p.tie]
     if not test:
         return {}
@@ -27,18 +32,31 @@ def held_out(run: Run, stage1, t: np.ndarray, gatings: Mapping[str, torch.nn.Mod
     tc, g = run.embed([p.items[0] for p in test])
     tr, _ = run.embed([p.items[1] for p in test])
     delta = (run._rewards(stage1, tc) - run._rewards(stage1, tr)) @ t
-    margins = {}
+    margins, partitions = {}, {}
     with torch.no_grad():
         for name, net in gatings.items():
-            gates = effective_gating(net, torch.tensor(g, dtype=torch.float32)).double().numpy()
-            margins[name] = (gates * delta).sum(-1)
+            out = net(torch.tensor(g, dtype=torch.float32))
+            partitions[name] = (out[0] if isinstance(out, tuple) else out).argmax(-1).numpy()
+            margins[name] = (
+                effective_gating(net, torch.tensor(g, dtype=torch.float32)).double().numpy() * delta
+            ).sum(-1)
     margins |= {"uniform_average": delta.mean(-1), "linear_probe": (tc - tr) @ probe.weight}
-    datasets = sorted({p.dataset for p in test})
+    labelled = np.array([p.objective is not None for p in test])
+    labels = [p.objective for p in test if p.objective is not None]
     out: dict = {}
     for name, m in margins.items():
         correct = m > 0
-        per = {d: float(correct[[p.dataset == d for p in test]].mean()) for d in datasets}
-        out[name] = {"accuracy": float(correct.mean()), "worst_dataset": min(per.values()), "datasets": per}
+        by = {
+            key: {v: float(correct[[getattr(p, key) == v for p in test]].mean()) for v in sorted(values)}
+            for key, values in (("dataset", {p.dataset for p in test}), ("objective", set(labels)))
+        }
+        out[name] = {
+            "accuracy": float(correct.mean()), "worst_dataset": min(by["dataset"].values()),
+            "worst_label": min(by["objective"].values(), default=None), "datasets": by["dataset"],
+            "labels": by["objective"],
+        }  # fmt: skip
+        if name in partitions and labels:
+            out[name]["ari"] = float(adjusted_rand_score(labels, partitions[name][labelled]))
     out["n"] = len(test)
     return out
 

@@ -160,6 +160,40 @@ def test_small_recipe_trains_exports_and_reports(small_run):
         assert (out / "artifact" / png).stat().st_size > 1000
 
 
+@pytest.mark.parametrize("routing", ["latent", "category"])
+def test_mixture_command_trains_exports_and_reports(small_run, routing, cli, repo, data_dir):
+    proc = cli(
+        "train", "mixture", "--config", repo / "configs/small.yaml", "--out", small_run, "--routing", routing,
+        "--groups", "1", "--groups", "2", "--quiet", timeout=900, env={"POLYREWARD_DATA": str(data_dir)},
+    )  # fmt: skip
+    printed = json.loads(proc.stdout)
+    work = small_run / f"mixture-{routing}"
+    fit = json.loads((work / "mixture.json").read_text())
+    assert printed["fit"] == fit["fit"]
+    held_out = fit["held_out"]
+    assert {"mixture", "gated", "linear_probe", "uniform_average"} <= set(held_out)
+    for name in ("mixture", "gated", "linear_probe"):
+        row = held_out[name]
+        assert 0 <= row["worst_label"] <= 1 and min(row["labels"].values()) == row["worst_label"]
+    assert -1 <= held_out["mixture"]["ari"] <= 1 and "ari" not in held_out["linear_probe"]
+    scorer = Scorer(work / "artifact", precision="fp32", device="cpu")
+    head = scorer.manifest.head
+    assert head.kind == "mixture" and head.routing == routing and head.groups == fit["groups"]
+    if routing == "latent":
+        assert fit["fit"]["groups"] in (1, 2) and set(fit["fit"]["candidates"]) == {"1", "2"}
+    else:
+        assert fit["fit"]["router_val_accuracy"] > 0.5 and "hh_harmless" in head.groups
+    (result,) = scorer.score([PromptItem(prompt="How do I bake bread?", response="Mix flour and water.")])
+    assert len(result.group_probs) == len(head.groups) and abs(sum(result.group_probs) - 1) < 1e-5
+    report = json.loads((work / "artifact/report.json").read_text())
+    groups = report["groups"]
+    assert groups["worst_label_accuracy"] == min(groups["accuracy_by_label"].values())
+    assert -1 <= groups["ari"] <= 1
+    for curve in groups["few_shot"].values():
+        assert [r["k"] for r in curve["curve"]] == [4, 8, 16, 32, 64] and curve["over"] == "groups"
+    assert (work / "artifact/few_shot.png").exists() == bool(groups["few_shot"])
+
+
 def test_eval_command_on_a_canonical_pairs_file(small_run, data_dir, tmp_path, cli):
     out = small_run
     pairs = tmp_path / "pairs.jsonl"
