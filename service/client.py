@@ -30,7 +30,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from polyreward.service.schemas import CompareResponse, RewardResponse, ScoreResponse
+from polyreward.service.schemas import AdaptResponse, CompareResponse, RewardResponse, ScoreResponse
 
 RETRY_STATUSES = {429, 502, 503, 504}
 
@@ -181,6 +181,14 @@ class RewardClient(_Base):
         `score`, plus uncertainty=True for the probit form."""
         body = {"pairs": list(pairs), "model": model or self.model, **recipe}
         return CompareResponse.model_validate(self._request("POST", "/v1/compare", body))
+
+    def adapt(
+        self, pairs: Sequence[dict], *, over: str | None = None, model: str | None = None, **options
+    ) -> AdaptResponse:
+        """Weights for one user from their labelled pairs (`over`: groups or objectives; `strength`); send
+        the returned `profile` fields with later `score` calls: `rm.score(items, **adapted.profile)`."""
+        body = {"pairs": list(pairs), "model": model or self.model, "over": over, **options}
+        return AdaptResponse.model_validate(self._request("POST", "/v1/adapt", body))
 
     def get_reward(
         self, query: Sequence[str], prompts: Sequence[str] | None = None, labels: Sequence | None = None

@@ -28,6 +28,13 @@ def check_groups(spec: RecipeSpec, aggregate: str, groups: tuple[str, ...], mode
         raise RecipeError(
             "group_weights: give them exactly when aggregate is 'groups'", "conflicting_options"
         )
+    if spec.gating_offset is not None and aggregate != "gating":
+        raise RecipeError(
+            f"gating_offset: it shifts the model's gating, so aggregate must be 'gating', not {aggregate!r}",
+            "conflicting_options",
+        )
+    if spec.group_weights is not None and not any(spec.group_weights.values()):
+        raise RecipeError("group_weights: at least one group needs a positive weight", "needs_weights")
     if spec.group_weights is not None:
         unknown = sorted(set(spec.group_weights) - set(groups))
         if unknown:
@@ -43,7 +50,7 @@ def group_aggregate(
     results: Sequence[ScoreResult],
     transformed: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(the groups' aggregate [N], its weights on y [N, K]): Σ_m w_m s_m ('groups') or min_m s_m
+    """(the groups' aggregate [N], its weights on y [N, K]): Σ_m π'_m s_m with π'_m ∝ π_m w_m ('groups') or min_m s_m
     ('worst_group'), with s the graph's group scores, or Σ_k G_mk y_k where a transform changed y."""
     g = np.array([r.group_gating for r in results], np.float64)  # [N, M, K learned]
     g = np.concatenate([g, np.zeros((*g.shape[:2], y.shape[1] - g.shape[2]))], -1)  # rule objectives weigh 0
@@ -52,7 +59,9 @@ def group_aggregate(
         if transformed
         else np.array([r.group_scores for r in results], np.float64)
     )
-    if aggregate == "groups":
-        return scores @ weights, np.einsum("m,nmk->nk", weights, g)
+    if aggregate == "groups":  # the router reweighted: π'_m ∝ π_m w_m (π floored, so no row sums to 0)
+        tilted = np.array([r.group_probs for r in results], np.float64).clip(1e-12) * weights
+        tilted /= tilted.sum(-1, keepdims=True)
+        return (tilted * scores).sum(-1), np.einsum("nm,nmk->nk", tilted, g)
     rows, worst = np.arange(len(y)), scores.argmin(-1)
     return scores[rows, worst], g[rows, worst]

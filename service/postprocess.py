@@ -14,7 +14,8 @@ T, residual variances s² and calibration stats:
     aggregate  gating: Σ g_k y_k   sum: Σ w_k y_k   and: Σ w_k u_k (needs the transform)
                min: min over w_k > 0 of w_k y_k          (y = u with a transform, else x)
                mixture models, with G [M, K] the groups' weightings and s_m = Σ_k G_mk y_k:
-               groups: Σ_m w_m s_m (group_weights)   worst_group: min_m s_m (MaxMin)
+               groups: Σ_m π'_m s_m, π'_m ∝ π_m w_m (group_weights)   worst_group: min_m s_m (MaxMin)
+               gating with gating_offset δ: Σ (g_k + δ_k) y_k (a user's offset, from /v1/adapt)
                (gating, groups and worst_group without a transform take the graph's own score and group
                scores, which are in the debiased space whatever `space` says)
     pessimism  score ← aggregate − κ σ(score)
@@ -78,6 +79,7 @@ class Recipe:
     weights: np.ndarray | None  # [K]
     groups: tuple[str, ...]  # mixture models' groups (none otherwise)
     group_weights: np.ndarray | None  # [M]
+    offset: np.ndarray | None  # [K] gating_offset
     residual: np.ndarray  # [K] s²
     conformal: tuple[tuple[float, ...] | None, ...]  # per objective, multipliers per stored level
     has_uncertainty: bool
@@ -94,6 +96,7 @@ class Recipe:
         names, k = (*learned, *rules), len(learned)
         for field, given in [
             ("weights", spec.weights),
+            ("gating_offset", spec.gating_offset),
             ("transform.reference", spec.transform and not isinstance(spec.transform.reference, str)
              and spec.transform.reference),
             ("constraints.min", spec.constraints and spec.constraints.min),
@@ -170,6 +173,7 @@ class Recipe:
             spec=spec, names=names, space=space, aggregate=aggregate, a=a, b=b, transform=transform,
             weights=None if spec.weights is None else _vector(names, spec.weights, 0.0),
             groups=groups, group_weights=None if spec.group_weights is None else _vector(groups, spec.group_weights, 0.0),
+            offset=None if spec.gating_offset is None else _vector(names, spec.gating_offset, 0.0),
             residual=np.array([info[n].residual_variance if n in info else 0.0 for n in names]),
             conformal=tuple(tuple(info[n].conformal) if n in info and info[n].conformal else None for n in names),
             has_uncertainty=has_uncertainty,
@@ -324,10 +328,12 @@ class Recipe:
             )
         elif self.aggregate == "gating":
             score, coef = model_score, gating
+        offset = np.zeros(y.shape[1]) if self.offset is None else self.offset
         if self.aggregate in ("gating", "groups", "worst_group") and self.spec.transform is None:
             t = self.transform if self.transform is not None else np.full((len(self.names),) * 2, np.nan)
-            return score, coef @ t.T
+            return score + y @ offset, coef @ t.T + offset @ self.a.T
         if self.aggregate in ("gating", "groups", "worst_group"):
+            coef = coef + offset
             score = (coef * y).sum(-1)
         elif self.aggregate == "min":
             w = self.weights

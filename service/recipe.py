@@ -63,9 +63,14 @@ class RecipeSpec(_Strict):
         None, description="objective -> weight for aggregate sum/and/min (unnamed objectives weigh 0)"
     )
     normalize: bool = Field(False, description="z-score each objective with the model's stats for the space")
-    group_weights: dict[str, Number] | None = Field(
-        None, description="mixture models: group -> weight for aggregate 'groups' (Σ_m w_m · group score; "
-        "{name: 1} is one group alone; `/v1/adapt` returns them)",
+    group_weights: dict[str, Positive] | None = Field(
+        None, description="mixture models: group -> weight w_m ≥ 0 for aggregate 'groups', which reweights "
+        "the router: Σ_m π'_m s_m with π'_m ∝ π_m(prompt) w_m ({name: 1}: that group alone; equal weights: the "
+        "router's mixture; unnamed groups weigh 0; `/v1/adapt` returns them)",
+    )  # fmt: skip
+    gating_offset: dict[str, Number] | None = Field(
+        None, description="objective -> δ_k added to the model's gating for aggregate 'gating': Σ_k (g_k + δ_k) "
+        "y_k (unnamed objectives: 0; `/v1/adapt` over objectives returns it)",
     )  # fmt: skip
     aggregate: Aggregate | None = Field(
         None, description="gating (the model's own mixture: for mixture models the router's), sum, and (sum "

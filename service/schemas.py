@@ -192,10 +192,11 @@ class AdaptRequest(_Strict):
     pairs: list[Pair] = Field(min_length=1, max_length=256, description="the user's labelled pairs")
     over: Literal["groups", "objectives"] | None = Field(
         None, description="adapt the weights of the model's groups (mixture models: the posterior over which "
-        "group the user is) or of the objectives (MAP Bradley–Terry) [default: groups for mixture models]",
+        "group the user is, the router as the prior) or an offset on the gating (MAP Bradley–Terry) [default: "
+        "groups for mixture models]",
     )  # fmt: skip
     strength: Annotated[float, Field(allow_inf_nan=False, gt=0, le=1e6)] = Field(
-        DEFAULT_STRENGTH, description="objectives: λ of the Gaussian prior toward the population's weights"
+        DEFAULT_STRENGTH, description="objectives: λ of the Gaussian prior N(0, I/λ) on the gating offset"
     )
     truncation: Truncation | None = Field(None, description=TRUNCATION)
 
@@ -212,10 +213,15 @@ class AdaptResponse(BaseModel):
     over: str
     pairs: int
     weights: dict[str, float] = Field(
-        description="objective -> weight on the debiased objectives (send with aggregate 'sum'); over groups: "
-        "Σ_m p_m G_m, averaged over the pairs' prompts where a group's weighting depends on the prompt"
+        description="objective -> the adapted reward's weight on the debiased objectives, averaged over the "
+        "pairs' prompts (it depends on the prompt): mean_i Σ_m π'_m(x_i) G_m(x_i), or mean_i g(x_i) + δ"
     )
-    group_weights: dict[str, float] | None = Field(None, description="over groups: group -> posterior p_m")
+    group_weights: dict[str, float] | None = Field(
+        None, description="over groups: group -> w_m ∝ Π_i σ(margin_im), the router's reweighting"
+    )
+    gating_offset: dict[str, float] | None = Field(
+        None, description="over objectives: objective -> δ_k, the MAP offset on the model's gating"
+    )
     profile: dict = Field(
         description="the recipe fields a later /v1/score request sends to use the adaptation"
     )

@@ -241,26 +241,29 @@ def adapt_response(model: Model, body: AdaptRequest, results: list[ScoreResult])
         m.transform
     )
     population = np.array([c.score - r.score for c, r in zip(chosen, rejected, strict=True)])
-    names = model.scorer.objectives
+    names, offset, group_weights = model.scorer.objectives, None, None
     if over == "groups":
         margins = np.array([c.group_scores for c in chosen]) - np.array([r.group_scores for r in rejected])
-        fit = adapt.over_groups(margins, np.mean([c.group_probs for c in chosen], 0))
-        weights = fit.weights @ np.mean([c.group_gating for c in chosen], 0)
-        adapted = margins @ fit.weights
+        probs = np.array([c.group_probs for c in chosen])
+        fit = adapt.over_groups(margins, probs)
+        tilted = probs.clip(1e-12) * fit.weights
+        tilted /= tilted.sum(-1, keepdims=True)
+        weights = np.einsum("pm,pmk->k", tilted, np.array([c.group_gating for c in chosen])) / len(chosen)
         group_weights = dict(zip(groups, fit.weights.tolist(), strict=True))  # type: ignore[arg-type]
         profile = {"aggregate": "groups", "group_weights": group_weights}
     else:
-        fit = adapt.over_objectives(delta, np.mean([c.gating for c in chosen], 0), body.strength)
-        weights, adapted, group_weights = fit.weights, delta @ fit.weights, None
-        profile = {"aggregate": "sum", "weights": dict(zip(names, weights.tolist(), strict=True))}
+        fit = adapt.over_objectives(delta, population, body.strength)
+        weights = np.mean([c.gating for c in chosen], 0) + fit.weights
+        offset = dict(zip(names, fit.weights.tolist(), strict=True))
+        profile = {"aggregate": "gating", "gating_offset": offset}
     if not np.isfinite(weights).all() or not math.isfinite(fit.log_likelihood):
         raise RecipeError("pairs: the adapted weights are not finite numbers for these pairs", "non_finite")
     return AdaptResponse(
         model=model.name, over=over, pairs=len(chosen), weights=dict(zip(names, weights.tolist(), strict=True)),
-        group_weights=group_weights, profile=profile,
+        group_weights=group_weights, gating_offset=offset, profile=profile,
         fit=AdaptFit(
             log_likelihood=fit.log_likelihood, population_log_likelihood=fit.prior_log_likelihood,
-            accuracy=float((adapted > 0).mean()), population_accuracy=float((population > 0).mean()),
+            accuracy=float((fit.margins > 0).mean()), population_accuracy=float((population > 0).mean()),
         ),
     )  # fmt: skip
 

@@ -110,8 +110,8 @@ def mixture(
     groups: Annotated[
         list[int] | None,
         typer.Option(
-            help="latent: the numbers of groups to try (repeatable; the held-out "
-            "likelihood picks one)" + default_is("1 2 3 4")
+            help="latent: the numbers of groups to try (repeatable; the smallest whose validation "
+            "likelihood is within one standard error of the best wins)" + default_is("1 2 3 4")
         ),
     ] = None,
     quiet: Quiet = False,
@@ -140,7 +140,7 @@ def mixture(
     artifact = run.export(work, REPORT, name=f"{run.cfg.export.name}-{suffix}")
     evaluation = run.evaluate(work, REPORT)
     _echo({"artifact": str(artifact), "fit": report["fit"], "held_out": report["held_out"],
-           "eval": {k: evaluation.get(k) for k in ("accuracy", "worst_subset", "groups", "n")}})  # fmt: skip
+           "eval": {k: evaluation.get(k) for k in ("accuracy", "n", "groups")}})  # fmt: skip
 
 
 @app.command()

@@ -4,9 +4,9 @@ label, and the few-shot curve of adapting to one group (`polyreward.models.runti
 The hidden label of a pair is the objective it was labelled for (RMB's `goal`: helpfulness or harmlessness;
 HH harmless-base: harmlessness), which mixture training never sees. A pair's group is the router's most
 probable group for its prompt; the adjusted Rand index compares the two partitions (1: the same, ~0: chance).
-The few-shot curve, per hidden label with enough pairs: k of its pairs adapt the model (over groups for a
-mixture, over objectives otherwise), and the adapted reward is scored on `EVAL_PAIRS` other pairs of that
-label, against the population model on the same pairs; the mean over `REPEATS` random draws.
+The few-shot curve, per hidden label with enough pairs: k of its pairs adapt the model (over objectives, and
+for a mixture over groups too), and the adapted reward is scored on `EVAL_PAIRS` other pairs of that label,
+against the population model on the same pairs; the mean over `REPEATS` random draws.
 """
 
 from __future__ import annotations
@@ -28,16 +28,15 @@ MIN_SUBSET_PAIRS = 30
 
 
 def _margins(chosen: Sequence[ScoreResult], rejected: Sequence[ScoreResult], transform: np.ndarray):
-    """Per pair: Δx (debiased objectives), the population's gating and score margin, and for mixtures the
-    router's probabilities and the group score margins."""
+    """Per pair: Δx (debiased objectives), the population's score margin, and for mixtures the router's
+    probabilities and the group score margins."""
     delta = (np.array([c.rewards for c in chosen]) - np.array([r.rewards for r in rejected])) @ transform
-    gating = np.array([c.gating for c in chosen])
     score = np.array([c.score - r.score for c, r in zip(chosen, rejected, strict=True)])
     if chosen and chosen[0].group_probs is not None:
         probs = np.array([c.group_probs for c in chosen])
         groups = np.array([c.group_scores for c in chosen]) - np.array([r.group_scores for r in rejected])
-        return delta, gating, score, probs, groups
-    return delta, gating, score, None, None
+        return delta, score, probs, groups
+    return delta, score, None, None
 
 
 def groups_report(
@@ -51,7 +50,7 @@ def groups_report(
         return {}
     chosen, rejected = [paired[2 * i] for i in strict], [paired[2 * i + 1] for i in strict]
     labels = [examples.pairs[i].objective for i in strict]
-    delta, gating, score, probs, group_margins = _margins(chosen, rejected, np.array(manifest.transform))
+    delta, score, probs, group_margins = _margins(chosen, rejected, np.array(manifest.transform))
     correct = score > 0
     by_label: dict[str, list[int]] = defaultdict(list)
     for j, label in enumerate(labels):
@@ -75,12 +74,13 @@ def groups_report(
             lab: dict(zip(names, probs[idx].mean(0).tolist(), strict=True))
             for lab, idx in sorted(by_label.items())
         }
-    out["few_shot"] = few_shot(by_label, delta, gating, score, probs, group_margins)
+    out["few_shot"] = few_shot(by_label, delta, score, probs, group_margins)
     return out
 
 
-def few_shot(by_label, delta, gating, score, probs, group_margins, seed: int = 0) -> dict:
-    """Per hidden label with at least 2 × max(SHOTS) pairs: accuracy of the adapted reward for each k."""
+def few_shot(by_label, delta, score, probs, group_margins, seed: int = 0) -> dict:
+    """Per hidden label with at least 2 × max(SHOTS) pairs: for each k, the held-out accuracy of the
+    population model and of the reward adapted over objectives and (mixtures) over groups, on the same draws."""
     rng = np.random.default_rng(seed)
     curves = {}
     for label, idx in sorted(by_label.items()):
@@ -89,26 +89,18 @@ def few_shot(by_label, delta, gating, score, probs, group_margins, seed: int = 0
             continue
         rows = []
         for k in SHOTS:
-            adapted, population = [], []
+            acc = defaultdict(list)
             for _ in range(REPEATS):
                 perm = rng.permutation(idx)
                 shots, held = perm[:k], perm[k : k + EVAL_PAIRS]
+                acc["population"].append((score[held] > 0).mean())
+                offset = over_objectives(delta[shots], score[shots], DEFAULT_STRENGTH).weights
+                acc["objectives"].append((score[held] + delta[held] @ offset > 0).mean())
                 if probs is not None:
-                    post = over_groups(group_margins[shots], probs[shots].mean(0)).weights
-                    margin = group_margins[held] @ post
-                else:
-                    w = over_objectives(delta[shots], gating[shots].mean(0), DEFAULT_STRENGTH).weights
-                    margin = delta[held] @ w
-                adapted.append(float((margin > 0).mean()))
-                population.append(float((score[held] > 0).mean()))
-            rows.append(
-                {"k": k, "adapted": float(np.mean(adapted)), "population": float(np.mean(population))}
-            )
-        curves[label] = {
-            "over": "groups" if probs is not None else "objectives",
-            "n": len(idx),
-            "curve": rows,
-        }
+                    tilted = probs[held].clip(1e-12) * over_groups(group_margins[shots], probs[shots]).weights
+                    acc["groups"].append(((tilted * group_margins[held]).sum(-1) > 0).mean())
+            rows.append({"k": k, **{name: float(np.mean(a)) for name, a in acc.items()}})
+        curves[label] = {"n": len(idx), "curve": rows}
     return curves
 
 
@@ -124,16 +116,11 @@ def plot_groups(artifact, report: dict) -> None:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for label, c in curves.items():
             ks = [r["k"] for r in c["curve"]]
-            line = ax.plot(
-                ks, [r["adapted"] for r in c["curve"]], "o-", label=f"{label}: adapted ({c['over']})"
-            )
-            ax.plot(
-                ks,
-                [r["population"] for r in c["curve"]],
-                "--",
-                color=line[0].get_color(),
-                label=f"{label}: population",
-            )
+            color = ax.plot(ks, [r["population"] for r in c["curve"]], "--", label=f"{label}: population")
+            for over, marker in (("objectives", "o-"), ("groups", "s-")):
+                if over in c["curve"][0]:
+                    ax.plot(ks, [r[over] for r in c["curve"]], marker, color=color[0].get_color(),
+                            label=f"{label}: adapted over {over}")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("labelled pairs from the user (k)")
         ax.set_ylabel("held-out pair accuracy")

@@ -1,23 +1,24 @@
 """Few-shot adaptation to one user from k labelled pairs (README, "Few-shot users"; `POST /v1/adapt`). No torch.
 
-Each pair i gives the difference of the debiased objectives Δ_i = (r_c − r_r) @ T [K] and, for a mixture
-model, each group's score margin Δs_im = G_m(x_i) · Δ_i [M]. Two ways to adapt, each regularized toward the
-population the model was trained on:
+Each pair i gives the difference of the debiased objectives Δ_i = (r_c − r_r) @ T [K], the population model's
+score margin m_i = Σ_k g_k(x_i) Δ_ik, and for a mixture model each group's score margin Δs_im = G_m(x_i) · Δ_i
+[M] and the router's probabilities π(x_i). Both ways to adapt start from the population model itself, which is
+what they return for k = 0, and keep its dependence on the prompt:
 
-* **over groups** (mixture models): the user is one of the M groups, with the router's mean probability over
-  the pairs' prompts as the prior, π̄ = mean_i π(x_i). The posterior after the pairs is exact:
+* **over groups** (mixture models): the user is one of the M groups; for a prompt x the router's π(x) is the
+  prior, and the user's pairs are the evidence, so the posterior at x is
 
-      p_m ∝ π̄_m · Π_i σ(Δs_im),   i.e.   log p_m = log π̄_m + Σ_i log σ(Δs_im) − logZ
+      π'_m(x) ∝ π_m(x) · w_m,    w_m ∝ Π_i σ(Δs_im)   (log w_m = Σ_i log σ(Δs_im) − max)
 
-  and the user's reward is Σ_m p_m s_m (aggregate 'groups' with these group_weights).
-* **over objectives** (any model): one fixed weighting w [K], the maximum a posteriori of Bradley–Terry with
-  a Gaussian prior centred on the population's weights w̄ = mean_i g(x_i) (the model's gating on the pairs'
-  prompts):
+  and the user's reward is Σ_m π'_m(x) s_m (aggregate 'groups' with these group_weights).
+* **over objectives** (any model): an offset δ [K] on the model's gating, the maximum a posteriori of
+  Bradley–Terry on the margins m_i + δ · Δ_i with a Gaussian prior N(0, I/λ) on δ:
 
-      w = argmin_w  Σ_i log(1 + exp(−w · Δ_i)) + (λ / 2) ‖w − w̄‖²
+      δ = argmin_δ  Σ_i log(1 + exp(−(m_i + δ · Δ_i))) + (λ / 2) ‖δ‖²
 
-  solved by Newton's method (the objective is strictly convex for λ > 0); the user's reward is Σ_k w_k x_k
-  (aggregate 'sum' with these weights). λ (`strength`) counts like pseudo-pairs: small λ trusts the k pairs.
+  solved by Newton's method (strictly convex for λ > 0); the user's reward is Σ_k (g_k(x) + δ_k) x_k
+  (aggregate 'gating' with this gating_offset). λ (`strength`) counts like pseudo-pairs: small λ trusts the
+  k pairs, large λ keeps the population.
 """
 
 from __future__ import annotations
@@ -37,45 +38,48 @@ def _log_sigmoid(z: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Adapted:
-    weights: np.ndarray  # [K] over objectives, or [M] over groups
-    log_likelihood: float  # Σ_i log P(chosen_i ≻ rejected_i) under the adapted weights
+    weights: np.ndarray  # [M] group_weights (sum 1), or [K] the gating offset δ
+    margins: np.ndarray  # [P] the pairs' margins under the adapted reward
+    log_likelihood: float  # Σ_i log σ(margin_i) under the adapted reward
     prior_log_likelihood: float  # the same under the population's
 
 
-def over_groups(group_margins: np.ndarray, prior: np.ndarray) -> Adapted:
-    """The posterior over groups: `group_margins` [P, M] = Δs_im, `prior` [M] = π̄ (positive, sums to 1)."""
-    group_margins, prior = np.asarray(group_margins, np.float64), np.asarray(prior, np.float64)
+def over_groups(group_margins: np.ndarray, probs: np.ndarray) -> Adapted:
+    """The posterior tilt of the router: `group_margins` [P, M] = Δs_im, `probs` [P, M] = π(x_i)."""
+    group_margins, probs = np.asarray(group_margins, np.float64), np.asarray(probs, np.float64)
     evidence = _log_sigmoid(group_margins).sum(0)  # [M]: Σ_i log σ(Δs_im)
-    log_post = np.log(np.clip(prior, 1e-300, None)) + evidence
-    post = np.exp(log_post - log_post.max())
-    post /= post.sum()
+    w = np.exp(evidence - evidence.max())
+    w /= w.sum()
 
-    def loglik(p: np.ndarray) -> float:  # of the served score Σ_m p_m s_m: the margin is p · Δs
-        return float(_log_sigmoid(group_margins @ p).sum())
+    def margins(weights: np.ndarray) -> np.ndarray:  # of Σ_m π'_m s_m at each pair's prompt
+        tilted = probs.clip(1e-12) * weights
+        return (tilted * group_margins).sum(-1) / tilted.sum(-1)
 
-    return Adapted(post, loglik(post), loglik(prior))
+    adapted, population = margins(w), margins(np.ones_like(w))
+    return Adapted(w, adapted, float(_log_sigmoid(adapted).sum()), float(_log_sigmoid(population).sum()))
 
 
-def over_objectives(delta: np.ndarray, prior_weights: np.ndarray, strength: float) -> Adapted:
-    """MAP weights: `delta` [P, K] = Δ_i, `prior_weights` [K] = w̄, `strength` λ > 0."""
+def over_objectives(delta: np.ndarray, population: np.ndarray, strength: float) -> Adapted:
+    """MAP gating offset: `delta` [P, K] = Δ_i, `population` [P] = m_i, `strength` λ > 0."""
     if not strength > 0:
         raise ValueError("strength must be positive")
-    delta, w0 = np.asarray(delta, np.float64), np.asarray(prior_weights, np.float64)
+    delta, m = np.asarray(delta, np.float64), np.asarray(population, np.float64)
 
-    def loss(w: np.ndarray) -> float:
-        return float(-_log_sigmoid(delta @ w).sum() + strength / 2 * ((w - w0) ** 2).sum())
+    def loss(d: np.ndarray) -> float:
+        return float(-_log_sigmoid(m + delta @ d).sum() + strength / 2 * (d @ d))
 
-    w = w0.copy()
-    eye = np.eye(len(w0))
+    d = np.zeros(delta.shape[1])
+    eye = np.eye(len(d))
     for _ in range(NEWTON_STEPS):
-        p = np.exp(_log_sigmoid(-(delta @ w)))  # σ(−z): the gradient's weight per pair
-        grad = -(delta * p[:, None]).sum(0) + strength * (w - w0)
+        p = np.exp(_log_sigmoid(-(m + delta @ d)))  # σ(−z): the gradient's weight per pair
+        grad = -(delta * p[:, None]).sum(0) + strength * d
         hess = (delta * (p * (1 - p))[:, None]).T @ delta + strength * eye
         step = np.linalg.solve(hess, grad)
-        t, before = 1.0, loss(w)
-        while loss(w - t * step) > before and t > 1e-6:  # backtracking: Newton's full step may overshoot
+        t, before = 1.0, loss(d)
+        while loss(d - t * step) > before and t > 1e-6:  # backtracking: Newton's full step may overshoot
             t /= 2
-        w = w - t * step
+        d = d - t * step
         if float(step @ step) * t * t < TOLERANCE:
             break
-    return Adapted(w, float(_log_sigmoid(delta @ w).sum()), float(_log_sigmoid(delta @ w0).sum()))
+    adapted = m + delta @ d
+    return Adapted(d, adapted, float(_log_sigmoid(adapted).sum()), float(_log_sigmoid(m).sum()))

@@ -14,6 +14,7 @@ import torch
 from polyreward.models.runtime.objectives import Objective
 from polyreward.models.torch.export import ExportOptions, export_artifact
 from polyreward.models.torch.heads import GatingConfig, HeadsConfig, MixtureConfig, RewardHeads, save_heads
+from polyreward.service.client import RewardClient
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def mixture_artifact(tmp_path_factory, backbone_dirs):
 def server(serve, mixture_artifact, minilm_artifact):
     with (
         serve(mixture_artifact, minilm_artifact, request_timeout="600") as (url, _),
-        httpx.Client(base_url=url, timeout=120) as c,
+        httpx.Client(base_url=url, timeout=600) as c,
     ):
         yield c
 
@@ -106,6 +107,15 @@ def test_models_and_scores_carry_the_groups(server, user_pairs):
     one = score(server, batch, group_weights={"b": 1.0})
     assert one["recipe"]["group_weights"] == {"b": 1.0}
     assert np.allclose([r["score"] for r in one["results"]], scores[:, 1], atol=1e-4)
+    # group_weights reweight the router: π' ∝ π ⊙ w.
+    tilted = score(server, batch, aggregate="groups", group_weights={"a": 1.0, "b": 3.0})
+    want = probs * [1.0, 3.0]
+    want = (want / want.sum(1, keepdims=True) * scores).sum(1)
+    assert np.allclose([r["score"] for r in tilted["results"]], want, atol=1e-4)
+    offset = score(server, batch, gating_offset={"objective1": 2.0})  # Σ (g + δ) x
+    assert np.allclose(
+        [r["score"] for r in offset["results"]], (probs * scores).sum(1) + 2 * x[:, 1], atol=1e-4
+    )
     worst = score(server, batch, aggregate="worst_group")
     assert np.allclose([r["score"] for r in worst["results"]], scores.min(1), atol=1e-4)
 
@@ -116,13 +126,11 @@ def test_adapt_over_groups_finds_the_users_group_and_beats_the_population(server
     assert r.status_code == 200, r.text
     out = r.json()
     assert (out["over"], out["pairs"], out["profile"]["aggregate"]) == ("groups", ADAPT_PAIRS, "groups")
-    # The posterior, computed directly: p_m ∝ mean_i π_m(x_i) · Π_i σ(s_m(chosen_i) − s_m(rejected_i)).
+    # The evidence, computed directly: w_m ∝ Π_i σ(s_m(chosen_i) − s_m(rejected_i)).
     scored = score(server, [it for p in train for it in items(p)])["results"]
     s = np.array([r["group_scores"] for r in scored])
-    margins = s[0::2] - s[1::2]
-    prior = np.mean([c["group_probs"] for c in scored[0::2]], 0)
-    log_post = np.log(prior) - np.logaddexp(0, -margins).sum(0)
-    want = np.exp(log_post - log_post.max()) / np.exp(log_post - log_post.max()).sum()
+    log_w = -np.logaddexp(0, -(s[0::2] - s[1::2])).sum(0)
+    want = np.exp(log_w - log_w.max()) / np.exp(log_w - log_w.max()).sum()
     assert np.allclose([out["group_weights"][g] for g in ("a", "b")], want, atol=1e-4)
     assert out["group_weights"]["b"] > 0.9
     assert out["fit"]["log_likelihood"] > out["fit"]["population_log_likelihood"]
@@ -130,19 +138,24 @@ def test_adapt_over_groups_finds_the_users_group_and_beats_the_population(server
     assert adapted > population + 0.1, (adapted, population)
 
 
-def test_adapt_over_objectives_is_the_map_and_beats_the_population(server, user_pairs):
+def test_adapt_over_objectives_is_the_map_offset_and_beats_the_population(server, user_pairs):
     train, test = user_pairs
-    r = server.post("/v1/adapt", json={"model": "mixture", "pairs": train, "over": "objectives"})
-    assert r.status_code == 200, r.text
-    out = r.json()
-    w = np.array([out["weights"][f"objective{k}"] for k in range(3)])
-    # At the MAP the gradient of Σ log(1 + e^{−w·Δ}) + (λ/2)‖w − w̄‖² vanishes (λ = 1, w̄ the mean gating).
+    with RewardClient(
+        str(server.base_url), model="mixture", timeout=600
+    ) as rm:  # the Python client's own call
+        out = rm.adapt(train, over="objectives").model_dump(exclude_none=True)
+    assert out["profile"] == {"aggregate": "gating", "gating_offset": out["gating_offset"]}
+    d = np.array([out["gating_offset"][f"objective{k}"] for k in range(3)])
+    # At the MAP the gradient of Σ log(1 + e^{−(m + δ·Δ)}) + (λ/2)‖δ‖² vanishes (λ = 1, m the model's margin).
     scored = score(server, [it for p in train for it in items(p)])["results"]
     x = np.array([r["rewards"] for r in scored])
-    delta = x[0::2] - x[1::2]
-    w0 = np.mean([c["gating"] for c in scored[0::2]], 0)
-    grad = -(delta / (1 + np.exp(delta @ w))[:, None]).sum(0) + (w - w0)
+    delta, m = (
+        x[0::2] - x[1::2],
+        np.array([c["score"] - r["score"] for c, r in zip(scored[0::2], scored[1::2], strict=True)]),
+    )
+    grad = -(delta / (1 + np.exp(m + delta @ d))[:, None]).sum(0) + d
     assert np.abs(grad).max() < 1e-4
+    w = np.array([out["weights"][f"objective{k}"] for k in range(3)])  # mean gating + δ
     assert w[2] > w[0]  # the user weighs objective2, as group 'b' does
     adapted, population = accuracy(server, test, **out["profile"]), accuracy(server, test)
     assert adapted > population + 0.1, (adapted, population)
@@ -173,6 +186,10 @@ def test_adapt_rejects_bad_input_naming_the_field(server, error_of, body, status
         ("mixture", {"aggregate": "groups"}, "group_weights"),
         ("mixture", {"aggregate": "worst_group", "weights": {"objective0": 1.0}}, "weights"),
         ("mixture", {"group_weights": {"a": float("nan")}}, "group_weights"),
+        ("mixture", {"group_weights": {"a": -1.0}}, "group_weights"),
+        ("mixture", {"group_weights": {"a": 0.0}}, "group_weights"),
+        ("mixture", {"aggregate": "worst_group", "gating_offset": {"objective0": 1.0}}, "gating_offset"),
+        ("mixture", {"gating_offset": {"objective9": 1.0}}, "gating_offset"),
         ("random-minilm", {"aggregate": "worst_group"}, "aggregate"),
         ("random-minilm", {"group_weights": {"a": 1.0}}, "group_weights"),
     ],
