@@ -195,7 +195,7 @@ class AdaptRequest(_Strict):
         "group the user is, the router as the prior) or an offset on the gating (MAP Bradley–Terry) [default: "
         "groups for mixture models]",
     )  # fmt: skip
-    strength: Annotated[float, Field(allow_inf_nan=False, gt=0, le=1e6)] = Field(
+    strength: Annotated[float, Field(allow_inf_nan=False, ge=1e-6, le=1e6)] = Field(
         DEFAULT_STRENGTH, description="objectives: λ of the Gaussian prior N(0, I/λ) on the gating offset"
     )
     truncation: Truncation | None = Field(None, description=TRUNCATION)

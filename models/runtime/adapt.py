@@ -74,7 +74,7 @@ def over_objectives(delta: np.ndarray, population: np.ndarray, strength: float) 
         p = np.exp(_log_sigmoid(-(m + delta @ d)))  # σ(−z): the gradient's weight per pair
         grad = -(delta * p[:, None]).sum(0) + strength * d
         hess = (delta * (p * (1 - p))[:, None]).T @ delta + strength * eye
-        step = np.linalg.solve(hess, grad)
+        step = np.linalg.lstsq(hess, grad, rcond=None)[0]  # a least-squares step where λ is tiny
         t, before = 1.0, loss(d)
         while loss(d - t * step) > before and t > 1e-6:  # backtracking: Newton's full step may overshoot
             t /= 2

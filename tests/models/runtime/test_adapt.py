@@ -33,5 +33,7 @@ def test_over_objectives_is_the_map_offset_and_shrinks_to_the_population():
     assert fit.log_likelihood > fit.prior_log_likelihood
     strong = over_objectives(delta, m, strength=1e6)
     assert np.abs(strong.weights).max() < 1e-4 and np.allclose(strong.margins, m, atol=1e-3)
+    # A denormal λ with fewer pairs than objectives: a singular Hessian, still a finite answer.
+    assert np.isfinite(over_objectives(delta[:2], m[:2], strength=5e-324).weights).all()
     with pytest.raises(ValueError, match="strength"):
         over_objectives(delta, m, strength=0.0)
