@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from polyreward.models.runtime.scorer import ScoreResult
 from polyreward.service.recipe import RecipeError, RecipeSpec
+
+if TYPE_CHECKING:
+    from polyreward.service.postprocess import Recipe
 
 
 def check_groups(spec: RecipeSpec, aggregate: str, groups: tuple[str, ...], model: str) -> None:
@@ -44,24 +48,23 @@ def check_groups(spec: RecipeSpec, aggregate: str, groups: tuple[str, ...], mode
 
 
 def group_aggregate(
-    aggregate: str,
-    weights: np.ndarray | None,
-    y: np.ndarray,
-    results: Sequence[ScoreResult],
-    transformed: bool,
+    recipe: Recipe, y: np.ndarray, results: Sequence[ScoreResult]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(the groups' aggregate [N], its weights on y [N, K]): Σ_m π'_m s_m with π'_m ∝ π_m w_m ('groups') or min_m s_m
-    ('worst_group'), with s the graph's group scores, or Σ_k G_mk y_k where a transform changed y."""
+    """(the groups' aggregate [N], its weights on y [N, K]): Σ_m π'_m s_m with π'_m ∝ π_m w_m ('groups') or
+    min_m (s_m − μ_m) / σ_m ('worst_group', μ and σ the manifest's group stats, else 0 and 1), with s the graph's
+    group scores, or Σ_k G_mk y_k where a transform changed y."""
     g = np.array([r.group_gating for r in results], np.float64)  # [N, M, K learned]
     g = np.concatenate([g, np.zeros((*g.shape[:2], y.shape[1] - g.shape[2]))], -1)  # rule objectives weigh 0
     scores = (
         (g * y[:, None, :]).sum(-1)
-        if transformed
+        if recipe.spec.transform is not None
         else np.array([r.group_scores for r in results], np.float64)
     )
-    if aggregate == "groups":  # the router reweighted: π'_m ∝ π_m w_m (π floored, so no row sums to 0)
-        tilted = np.array([r.group_probs for r in results], np.float64).clip(1e-12) * weights
+    if recipe.aggregate == "groups":  # the router reweighted: π'_m ∝ π_m w_m (π floored, so no row sums to 0)
+        tilted = np.array([r.group_probs for r in results], np.float64).clip(1e-12) * recipe.group_weights
         tilted /= tilted.sum(-1, keepdims=True)
         return (tilted * scores).sum(-1), np.einsum("nm,nmk->nk", tilted, g)
-    rows, worst = np.arange(len(y)), scores.argmin(-1)
-    return scores[rows, worst], g[rows, worst]
+    stats = recipe.group_stats if recipe.group_stats is not None else np.array([[0.0, 1.0]] * scores.shape[1])
+    z = (scores - stats[:, 0]) / stats[:, 1]  # the groups' scores in comparable units
+    rows, worst = np.arange(len(y)), z.argmin(-1)
+    return z[rows, worst], g[rows, worst] / stats[worst, 1:]

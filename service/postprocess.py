@@ -14,7 +14,7 @@ T, residual variances s² and calibration stats:
     aggregate  gating: Σ g_k y_k   sum: Σ w_k y_k   and: Σ w_k u_k (needs the transform)
                min: min over w_k > 0 of w_k y_k          (y = u with a transform, else x)
                mixture models, with G [M, K] the groups' weightings and s_m = Σ_k G_mk y_k:
-               groups: Σ_m π'_m s_m, π'_m ∝ π_m w_m (group_weights)   worst_group: min_m s_m (MaxMin)
+               groups: Σ_m π'_m s_m, π'_m ∝ π_m w_m (group_weights)   worst_group: min_m (s_m − μ_m) / σ_m (MaxMin)
                gating with gating_offset δ: Σ (g_k + δ_k) y_k (a user's offset, from /v1/adapt)
                (gating, groups and worst_group without a transform take the graph's own score and group
                scores, which are in the debiased space whatever `space` says)
@@ -79,6 +79,7 @@ class Recipe:
     weights: np.ndarray | None  # [K]
     groups: tuple[str, ...]  # mixture models' groups (none otherwise)
     group_weights: np.ndarray | None  # [M]
+    group_stats: np.ndarray | None  # [M, 2]: each group score's mean and std (the units worst_group compares)
     offset: np.ndarray | None  # [K] gating_offset
     residual: np.ndarray  # [K] s²
     conformal: tuple[tuple[float, ...] | None, ...]  # per objective, multipliers per stored level
@@ -173,6 +174,7 @@ class Recipe:
             spec=spec, names=names, space=space, aggregate=aggregate, a=a, b=b, transform=transform,
             weights=None if spec.weights is None else _vector(names, spec.weights, 0.0),
             groups=groups, group_weights=None if spec.group_weights is None else _vector(groups, spec.group_weights, 0.0),
+            group_stats=None if (c := manifest.head.group_calibration) is None else np.array([[c[g].mean, c[g].std] for g in groups]),
             offset=None if spec.gating_offset is None else _vector(names, spec.gating_offset, 0.0),
             residual=np.array([info[n].residual_variance if n in info else 0.0 for n in names]),
             conformal=tuple(tuple(info[n].conformal) if n in info and info[n].conformal else None for n in names),
@@ -323,16 +325,14 @@ class Recipe:
         β = T g (and the same for a group's score with its weighting for g); otherwise the aggregate's
         weights c on y give β = A (c ⊙ dy/dx)."""
         if self.aggregate in ("groups", "worst_group"):
-            score, coef = group_aggregate(
-                self.aggregate, self.group_weights, y, results, self.spec.transform is not None
-            )
+            score, coef = group_aggregate(self, y, results)
         elif self.aggregate == "gating":
             score, coef = model_score, gating
         offset = np.zeros(y.shape[1]) if self.offset is None else self.offset
         if self.aggregate in ("gating", "groups", "worst_group") and self.spec.transform is None:
             t = self.transform if self.transform is not None else np.full((len(self.names),) * 2, np.nan)
             return score + y @ offset, coef @ t.T + offset @ self.a.T
-        if self.aggregate in ("gating", "groups", "worst_group"):
+        if self.aggregate == "gating":
             coef = coef + offset
             score = (coef * y).sum(-1)
         elif self.aggregate == "min":
@@ -343,7 +343,7 @@ class Recipe:
             coef = np.zeros_like(y)
             coef[np.arange(len(y)), worst] = w[worst]
             score = weighted.min(-1)
-        else:
+        elif self.aggregate in ("sum", "and"):  # (the group aggregates' are group_aggregate's, on this y)
             score, coef = y @ self.weights, np.broadcast_to(self.weights, y.shape)
         return score, (coef * jac) @ self.a.T
 

@@ -371,6 +371,7 @@ class Run:
         options = ExportOptions(
             precisions=e.precisions, name=name or e.name, version=e.version, max_length=self.cache.policy.max_length,
             overwrite=True, calibration=stats("calibration"), debiased_calibration=stats("debiased_calibration"),
+            group_calibration=stats("group_calibration"),
             uncertainty=uncertainty, metrics=metrics,
             provenance={"training_config": self.cfg.source, "datasets": [d.name for d in self.cfg.datasets]},
         )  # fmt: skip

@@ -1,8 +1,8 @@
 """`polyreward train mixture`: latent preference groups or task-category routing on stage 1's objectives.
 
 Needs stage 1 in OUT (and compares with stage 2's single gating when OUT/heads.safetensors exists). Writes
-OUT/mixture-<routing>/: heads.safetensors, mixture.json (the fit, the calibration stats and the held-out
-comparison), and, through the same export and evaluation as the single gating, artifact/ with report.json.
+OUT/mixture-<routing>/: heads.safetensors, mixture.json (the fit, the calibration stats of the objectives and
+the groups, and the held-out comparison), and, through the same export and evaluation as the single gating, artifact/ with report.json.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from polyreward.models.torch.heads import HeadsConfig, load_heads
+from polyreward.models.torch.heads import HeadsConfig, Mixture, load_heads
 from polyreward.training.heldout import held_out
 from polyreward.training.mixture import MixtureTrainConfig, categories, category_of, fit_latent, fit_routed
 from polyreward.training.pipeline import HEADS_FILE, STAGE1_FILE, Run, _write_json, calibration
@@ -24,6 +25,19 @@ REPORT = "mixture.json"
 
 def work_dir(run: Run, cfg: MixtureTrainConfig) -> Path:
     return run.out / f"mixture-{cfg.routing}"
+
+
+def group_calibration(run: Run, net: Mixture, debiased: np.ndarray) -> dict:
+    """Each group score s_m = G_m(x) · (r @ T)'s mean and std on the reference responses (the training
+    responses the debiasing and the objectives' calibration use): worst_group compares s_m in these units."""
+    items, _ = run.reference_responses()
+    with torch.no_grad():
+        g = net.group_gating(torch.tensor(run.embed(items)[1], dtype=torch.float32)).double().numpy()
+    s = np.einsum("nmk,nk->nm", g, debiased)
+    return {
+        name: {"mean": float(s[:, m].mean()), "std": float(s[:, m].std())}
+        for m, name in enumerate(net.cfg.groups)
+    }
 
 
 def train_mixture(run: Run, cfg: MixtureTrainConfig) -> dict:
@@ -60,6 +74,7 @@ def train_mixture(run: Run, cfg: MixtureTrainConfig) -> dict:
     if (run.out / HEADS_FILE).exists() and (single := load_heads(run.out / HEADS_FILE)).gating is not None:
         compared["gated"] = single.gating
     out = {"fit": report, "groups": net.cfg.groups, **calibration(names, ref, t)}
+    out["group_calibration"] = group_calibration(run, net, ref @ t)
     out["held_out"] = held_out(run, stage1, t, compared)
     _write_json(work / REPORT, out)
     log.info(

@@ -41,6 +41,7 @@ def default_model() -> tuple[Path, dict]:
         "max_length": manifest.input.max_length,
         "calibration": manifest.calibration or None,
         "debiased_calibration": manifest.debiased_calibration,
+        "group_calibration": manifest.head.group_calibration,
         "uncertainty": manifest.uncertainty,
         "metrics": manifest.metrics,
         "provenance": {"trained_by": manifest.provenance.get("training_config"), "default_model": True},

@@ -15,7 +15,8 @@ from polyreward.models.runtime.objectives import Objective, check_objectives
 
 # 2 added input.gating_marker (an old reader must not serve such an artifact with the wrong gating position).
 # 3 added transform (the debiased space) and uncertainty (residual variances, conformal multipliers).
-# 4 added mixture heads (head.kind "mixture", head.groups, head.routing; the group_* graph outputs).
+# 4 added mixture heads (head.kind "mixture", head.groups, head.routing, head.group_calibration; the group_*
+# graph outputs).
 # An artifact records the lowest version that describes it (`Manifest.schema_version`), so a reader of 3 keeps
 # serving the artifacts without mixture heads.
 SCHEMA_VERSION = 4
@@ -44,6 +45,14 @@ class BackboneInfo(_Strict):
     )
 
 
+GROUP_FIELDS = ("groups", "routing", "group_calibration")
+
+
+class CalibrationStat(_Strict):
+    mean: float
+    std: float
+
+
 class HeadInfo(_Strict):
     kind: Literal["moe", "fixed", "mixture"] = Field(
         description="moe: prompt-conditioned gating; fixed: constant weights; mixture: groups, each a weighting "
@@ -58,6 +67,11 @@ class HeadInfo(_Strict):
     routing: Literal["latent", "category"] | None = Field(
         None, description="mixture heads: latent preference groups, or one group per task category"
     )
+    group_calibration: dict[str, CalibrationStat] | None = Field(
+        None,
+        description="mixture heads: each group score's mean and std on the training responses; worst_group "
+        "compares the groups' standardized scores (without them: the raw scores)",
+    )
 
     @model_validator(mode="after")
     def _groups(self) -> HeadInfo:
@@ -65,12 +79,19 @@ class HeadInfo(_Strict):
             raise ValueError("head.groups: mixture heads name their groups, and only they have groups")
         if self.groups and len(set(self.groups)) != len(self.groups):
             raise ValueError(f"head.groups: names must be distinct: {self.groups}")
+        stats = self.group_calibration
+        if stats is not None and (
+            set(stats) != set(self.groups or ()) or min(c.std for c in stats.values()) <= 0
+        ):
+            raise ValueError(
+                "head.group_calibration: one mean and positive std per group, named as in head.groups"
+            )
         return self
 
     @model_serializer(mode="wrap")
     def _without_groups(self, handler) -> dict:  # heads without groups are written as before version 4
         out = handler(self)
-        return out if self.groups else {k: v for k, v in out.items() if k not in ("groups", "routing")}
+        return out if self.groups else {k: v for k, v in out.items() if k not in GROUP_FIELDS}
 
 
 Truncation = Literal["left", "error"]
@@ -92,11 +113,6 @@ class InputPolicy(_Strict):
         "text's tokens and refuse items without it (ArmoRM: '<|eot_id|><|start_header_id|>assistant"
         "<|end_header_id|>\\n\\n'); None: at the last token of the prompt part",
     )
-
-
-class CalibrationStat(_Strict):
-    mean: float
-    std: float
 
 
 class ObjectiveUncertainty(_Strict):

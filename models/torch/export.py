@@ -63,7 +63,7 @@ class ExportOptions:
     ORT fuses) or dynamo. attention_chunk: query tokens per step of decoders' attention (default
     `polyreward.models.torch.attention.CHUNK`; memory per layer ~ heads x chunk x length). fuse: ORT transformer
     fusion for BERT-like encoders. name (default: the output
-    directory's name), version, calibration (raw and debiased), uncertainty (residual variances and conformal
+    directory's name), version, calibration (raw and debiased; a mixture's group scores), uncertainty (residual variances and conformal
     multipliers; without it predictive = epistemic), metrics and provenance (merged into the exporter's own) go
     into the manifest as given. The transform T always comes from the heads.
     """
@@ -80,6 +80,7 @@ class ExportOptions:
     version: str | None = None
     calibration: dict[str, CalibrationStat] | None = None
     debiased_calibration: dict[str, CalibrationStat] | None = None
+    group_calibration: dict[str, CalibrationStat] | None = None
     uncertainty: dict[str, ObjectiveUncertainty] | None = None
     metrics: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
@@ -217,6 +218,7 @@ def _manifest(
             gating_n_hidden=gating.n_hidden if gating else None,
             groups=heads.mixture.groups if heads.mixture else None,
             routing=heads.mixture.routing if heads.mixture else None,
+            group_calibration=options.group_calibration,
         ),
         input=policy,
         graphs=graphs,

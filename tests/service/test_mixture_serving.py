@@ -11,14 +11,23 @@ import numpy as np
 import pytest
 import torch
 
+from polyreward.models.runtime.manifest import CalibrationStat
 from polyreward.models.runtime.objectives import Objective
 from polyreward.models.torch.export import ExportOptions, export_artifact
-from polyreward.models.torch.heads import GatingConfig, HeadsConfig, MixtureConfig, RewardHeads, save_heads
+from polyreward.models.torch.heads import (
+    GatingConfig,
+    HeadsConfig,
+    MixtureConfig,
+    RewardHeads,
+    load_heads,
+    save_heads,
+)  # fmt: skip
 from polyreward.service.client import RewardClient
 
 pytestmark = pytest.mark.slow
 
 ADAPT_PAIRS, HELD_OUT = 32, 128
+GROUP_STATS = {"a": (1.0, 2.0), "b": (-0.5, 0.5)}  # each group score's (mean, std), as training records them
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,8 @@ def mixture_artifact(tmp_path_factory, backbone_dirs):
         heads.mixture.group_logits.copy_(torch.tensor([[8.0, 0, 0], [0, 0, 8.0]]))
         heads.mixture.router.layers[-1].bias.copy_(torch.tensor([1.5, -1.5]))
     save_heads(heads, root / "heads.safetensors")
-    options = ExportOptions(precisions=["fp32"], max_length=128, name="mixture")
+    stats = {name: CalibrationStat(mean=m, std=sd) for name, (m, sd) in GROUP_STATS.items()}
+    options = ExportOptions(precisions=["fp32"], max_length=128, name="mixture", group_calibration=stats)
     export_artifact(backbone_dirs["minilm"], root / "heads.safetensors", root / "artifact", options)
     return root / "artifact"
 
@@ -89,7 +99,7 @@ def accuracy(client: httpx.Client, pairs: list[dict], **recipe) -> float:
     return float((s[0::2] > s[1::2]).mean())
 
 
-def test_models_and_scores_carry_the_groups(server, user_pairs):
+def test_models_and_scores_carry_the_groups(server, user_pairs, mixture_artifact):
     model = next(m for m in server.get("/v1/models").json()["models"] if m["name"] == "mixture")
     assert (model["head"], model["groups"], model["routing"]) == ("mixture", ["a", "b"], "latent")
     batch = [it for p in user_pairs[1][:8] for it in items(p)]
@@ -116,8 +126,17 @@ def test_models_and_scores_carry_the_groups(server, user_pairs):
     assert np.allclose(
         [r["score"] for r in offset["results"]], (probs * scores).sum(1) + 2 * x[:, 1], atol=1e-4
     )
+    # MaxMin compares the groups' standardized scores (s_m − μ_m) / σ_m.
+    mean, std = np.array(list(GROUP_STATS.values())).T
     worst = score(server, batch, aggregate="worst_group")
-    assert np.allclose([r["score"] for r in worst["results"]], scores.min(1), atol=1e-4)
+    assert np.allclose([r["score"] for r in worst["results"]], ((scores - mean) / std).min(1), atol=1e-4)
+    # With a transform, s_m = Σ_k G_mk u_k on u = log σ(x − ref), and the same standardization.
+    ref = {"objective0": 0.5, "objective1": 0.0, "objective2": -0.5}
+    out = score(server, batch, aggregate="worst_group", transform={"reference": ref})
+    g = load_heads(mixture_artifact.parent / "heads.safetensors").mixture.group_gating(torch.zeros(1, 384))
+    u = -np.logaddexp(0, -(x - list(ref.values())))
+    want = ((u @ g[0].detach().double().numpy().T - mean) / std).min(1)
+    assert np.allclose([r["score"] for r in out["results"]], want, atol=1e-4)
 
 
 def test_adapt_over_groups_finds_the_users_group_and_beats_the_population(server, user_pairs):

@@ -179,6 +179,9 @@ def test_mixture_command_trains_exports_and_reports(small_run, routing, cli, rep
     scorer = Scorer(work / "artifact", precision="fp32", device="cpu")
     head = scorer.manifest.head
     assert head.kind == "mixture" and head.routing == routing and head.groups == fit["groups"]
+    # worst_group's units: each group score's mean and std on the training responses, as mixture.json has them.
+    stats = {g: c.model_dump() for g, c in head.group_calibration.items()}
+    assert stats == fit["group_calibration"] and min(c["std"] for c in stats.values()) > 0
     if routing == "latent":
         assert fit["fit"]["groups"] in (1, 2) and set(fit["fit"]["candidates"]) == {"1", "2"}
     else:

@@ -53,6 +53,17 @@ def test_an_artifact_without_groups_records_schema_3_and_no_group_fields(artifac
     edit_manifest(artifact, lambda m: m["head"].update(kind="mixture", groups=["a", "b"]))
     with pytest.raises(ArtifactError, match=r"schema_version: mixture heads need schema 4"):
         load_manifest(artifact)
+    assert "group_calibration" not in raw["head"]
+
+
+@pytest.mark.parametrize(
+    "stats", [{"a": {"mean": 0, "std": 1}}, {"a": {"mean": 0, "std": 1}, "b": {"mean": 0, "std": 0}}]
+)
+def test_group_calibration_needs_one_positive_std_per_group(artifact, stats):
+    head = {"kind": "mixture", "groups": ["a", "b"], "group_calibration": stats}
+    edit_manifest(artifact, lambda m: (m["head"].update(head), m.update(schema_version=4)))
+    with pytest.raises(ArtifactError, match=r"head\.group_calibration: one mean and positive std per group"):
+        load_manifest(artifact)
 
 
 def test_unknown_schema_version_is_refused_clearly(artifact):
