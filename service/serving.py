@@ -166,7 +166,7 @@ async def score_items(request: Request, model: Model, body: ScoreRequest, recipe
     rows = recipe.apply(results[:n], groups, by_prompt, body.return_, body.level)
     return [
         {**row, **extra, "tokens": r.tokens, "truncated": r.truncated}
-        for row, extra, r in zip(rows, extras, results[:n], strict=True)
+        for row, extra, r in zip(rows, extras[:n], results[:n], strict=True)
     ]
 
 

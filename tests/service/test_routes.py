@@ -136,6 +136,15 @@ def test_every_number_is_its_documented_formula(default_client, default_artifact
         want = ((x - mean) / std if normalize else x) @ w
         assert body.json()["results"][0]["score"] == pytest.approx(want, rel=1e-5, abs=1e-5)
 
+    # transform against sent references: u = log σ(x − x_ref), x_ref the reference answer's own objectives
+    body = default_client.post(
+        "/v1/score",
+        json={"items": [good], "weights": weights, "transform": {"reference": "references"}, "references": [bad]},
+    )
+    assert body.status_code == 200, body.text
+    u = -np.logaddexp(0, -(np.array(raw[0].rewards) @ t - np.array(raw[1].rewards) @ t))
+    assert body.json()["results"][0]["score"] == pytest.approx(u @ w, abs=1e-4)
+
     pair = {"prompt": ITEM["prompt"], "chosen": good["response"], "rejected": bad["response"]}
     sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     (cmp,) = default_client.post("/v1/compare", json={"pairs": [pair]}).json()["results"]
