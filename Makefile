@@ -42,9 +42,11 @@ demo: $(BIN)/polyreward
 	$(BIN)/polyreward export --default --out build/demo/artifact --overwrite
 	$(BIN)/polyreward score build/demo/artifact --input examples/items.jsonl
 
-# Retrain the default model from ../shared/data (or $$POLYREWARD_DATA): about 20 minutes on 2 CPU cores.
+# Retrain the default model from ../shared/data (or $$POLYREWARD_DATA): stage 1 and the single gating, then
+# the shipped task-category router on the same objectives; about 30 minutes on 2 CPU cores.
 train: $(BIN)/polyreward
 	$(BIN)/polyreward train --config configs/default.yaml
+	$(BIN)/polyreward train mixture --config configs/default.yaml
 
 # Static checks of what ships to a cluster, then the tests that render, validate and scrape for real.
 deploy-check: $(BIN)/polyreward $(HELM)

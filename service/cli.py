@@ -266,6 +266,9 @@ def score(
         for key in ("gating", "transformed"):
             if key in row:
                 out[key] = named(names, row[key])
+        for key in ("group_probs", "group_scores"):  # mixture models
+            if key in row:
+                out[key] = named(recipe.groups, row[key])
         out |= {"tokens": r.tokens, "truncated": r.truncated}
         if checks.file.strip:
             out["stripped_chars"] = cut

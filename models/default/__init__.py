@@ -1,8 +1,10 @@
 """The shipped default model: heads trained by configs/default.yaml on the bundled all-MiniLM-L6-v2.
 
 This folder holds the heads (`heads.safetensors`) and the manifest and report of the artifact that training
-run exported (objectives, input policy, calibration, held-out metrics). `polyreward export --default` builds
-the artifact from them; `polyreward serve` without arguments builds it once into the cache and serves it.
+run exported (objectives, input policy, calibration, held-out metrics): since 0.3.0 the task-category router
+of `polyreward train mixture --config configs/default.yaml`, its manifest renamed `polyreward-default`.
+`polyreward export --default` builds the artifact from them; `polyreward serve` without arguments builds it
+once into the cache and serves it.
 Nothing here imports torch: the export runs in a subprocess.
 """
 

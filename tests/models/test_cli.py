@@ -124,8 +124,9 @@ def test_export_default_builds_the_shipped_model(tmp_path, cli, repo):
     cli("export", "--default", "--out", out, "--precision", "fp32")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["objectives"] == shipped["objectives"] and manifest["name"] == shipped["name"]
-    assert manifest["head"]["kind"] == "moe" and manifest["calibration"] == shipped["calibration"]
-    assert manifest["graphs"]["fp32"]["outputs"] == ["rewards", "gating", "score", "uncertainty"]
+    assert manifest["head"] == shipped["head"] and manifest["head"]["kind"] == "mixture"  # routed by category
+    assert manifest["calibration"] == shipped["calibration"]
+    assert manifest["graphs"]["fp32"]["outputs"] == shipped["graphs"]["fp32"]["outputs"]
     for key in ("transform", "debiased_calibration", "uncertainty"):  # the reward spaces and intervals
         assert manifest[key] == shipped[key] is not None
     rows = [
@@ -133,6 +134,9 @@ def test_export_default_builds_the_shipped_model(tmp_path, cli, repo):
         for line in cli("score", out, "--input", repo / "examples/items.jsonl").stdout.splitlines()
     ]
     assert [set(r["rewards"]) for r in rows] == [{o["name"] for o in shipped["objectives"]}] * len(rows)
+    for r in rows:  # the router's probabilities and every group's score, by group name
+        assert list(r["group_probs"]) == list(r["group_scores"]) == shipped["head"]["groups"]
+        assert abs(sum(r["group_probs"].values()) - 1) < 1e-5
     proc = cli(
         "export", "--default", "--heads", out / "heads.safetensors", "--out", tmp_path / "x", check=False
     )

@@ -139,7 +139,12 @@ def test_every_number_is_its_documented_formula(default_client, default_artifact
     # transform against sent references: u = log σ(x − x_ref), x_ref the reference answer's own objectives
     body = default_client.post(
         "/v1/score",
-        json={"items": [good], "weights": weights, "transform": {"reference": "references"}, "references": [bad]},
+        json={
+            "items": [good],
+            "weights": weights,
+            "transform": {"reference": "references"},
+            "references": [bad],
+        },
     )
     assert body.status_code == 200, body.text
     u = -np.logaddexp(0, -(np.array(raw[0].rewards) @ t - np.array(raw[1].rewards) @ t))
