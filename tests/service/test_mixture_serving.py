@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from polyreward.models.runtime.adapt import DEFAULT_STRENGTH
 from polyreward.models.runtime.manifest import CalibrationStat
 from polyreward.models.runtime.objectives import Objective
 from polyreward.models.torch.export import ExportOptions, export_artifact
@@ -165,14 +166,15 @@ def test_adapt_over_objectives_is_the_map_offset_and_beats_the_population(server
         out = rm.adapt(train, over="objectives").model_dump(exclude_none=True)
     assert out["profile"] == {"aggregate": "gating", "gating_offset": out["gating_offset"]}
     d = np.array([out["gating_offset"][f"objective{k}"] for k in range(3)])
-    # At the MAP the gradient of Σ log(1 + e^{−(m + δ·Δ)}) + (λ/2)‖δ‖² vanishes (λ = 1, m the model's margin).
+    # At the MAP the gradient of Σ log(1 + e^{−(m + δ·Δ)}) + (λ/2)‖δ‖² vanishes (λ the default, m the model's
+    # margin).
     scored = score(server, [it for p in train for it in items(p)])["results"]
     x = np.array([r["rewards"] for r in scored])
     delta, m = (
         x[0::2] - x[1::2],
         np.array([c["score"] - r["score"] for c, r in zip(scored[0::2], scored[1::2], strict=True)]),
     )
-    grad = -(delta / (1 + np.exp(m + delta @ d))[:, None]).sum(0) + d
+    grad = -(delta / (1 + np.exp(m + delta @ d))[:, None]).sum(0) + DEFAULT_STRENGTH * d
     assert np.abs(grad).max() < 1e-4
     w = np.array([out["weights"][f"objective{k}"] for k in range(3)])  # mean gating + δ
     assert w[2] > w[0]  # the user weighs objective2, as group 'b' does
