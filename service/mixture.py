@@ -47,6 +47,13 @@ def check_groups(spec: RecipeSpec, aggregate: str, groups: tuple[str, ...], mode
             )
 
 
+def group_stats(calibration: dict | None, groups: tuple[str, ...]) -> np.ndarray:
+    """[M, 2]: each group score's mean and std on the training responses (the manifest's), else 0 and 1."""
+    return np.array(
+        [[calibration[g].mean, calibration[g].std] if calibration else [0.0, 1.0] for g in groups]
+    )
+
+
 def group_aggregate(
     recipe: Recipe, y: np.ndarray, results: Sequence[ScoreResult]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +71,7 @@ def group_aggregate(
         tilted = np.array([r.group_probs for r in results], np.float64).clip(1e-12) * recipe.group_weights
         tilted /= tilted.sum(-1, keepdims=True)
         return (tilted * scores).sum(-1), np.einsum("nm,nmk->nk", tilted, g)
-    stats = recipe.group_stats if recipe.group_stats is not None else np.array([[0.0, 1.0]] * scores.shape[1])
-    z = (scores - stats[:, 0]) / stats[:, 1]  # the groups' scores in comparable units
+    mean, std = recipe.group_stats.T
+    z = (scores - mean) / std  # the groups' scores in comparable units
     rows, worst = np.arange(len(y)), z.argmin(-1)
-    return z[rows, worst], g[rows, worst] / stats[worst, 1:]
+    return z[rows, worst], g[rows, worst] / std[worst, None]

@@ -44,7 +44,7 @@ from polyreward.models.runtime.items import Item
 from polyreward.models.runtime.manifest import Manifest
 from polyreward.models.runtime.scorer import ScoreResult
 from polyreward.models.runtime.uncertainty import normal_quantile, stored_level
-from polyreward.service.mixture import check_groups, group_aggregate
+from polyreward.service.mixture import check_groups, group_aggregate, group_stats
 from polyreward.service.recipe import Aggregate, RecipeError, RecipeSpec, Space
 
 
@@ -79,7 +79,7 @@ class Recipe:
     weights: np.ndarray | None  # [K]
     groups: tuple[str, ...]  # mixture models' groups (none otherwise)
     group_weights: np.ndarray | None  # [M]
-    group_stats: np.ndarray | None  # [M, 2]: each group score's mean and std (the units worst_group compares)
+    group_stats: np.ndarray  # [M, 2]: each group score's mean and std (the units worst_group compares)
     offset: np.ndarray | None  # [K] gating_offset
     residual: np.ndarray  # [K] s²
     conformal: tuple[tuple[float, ...] | None, ...]  # per objective, multipliers per stored level
@@ -174,7 +174,7 @@ class Recipe:
             spec=spec, names=names, space=space, aggregate=aggregate, a=a, b=b, transform=transform,
             weights=None if spec.weights is None else _vector(names, spec.weights, 0.0),
             groups=groups, group_weights=None if spec.group_weights is None else _vector(groups, spec.group_weights, 0.0),
-            group_stats=None if (c := manifest.head.group_calibration) is None else np.array([[c[g].mean, c[g].std] for g in groups]),
+            group_stats=group_stats(manifest.head.group_calibration, groups),
             offset=None if spec.gating_offset is None else _vector(names, spec.gating_offset, 0.0),
             residual=np.array([info[n].residual_variance if n in info else 0.0 for n in names]),
             conformal=tuple(tuple(info[n].conformal) if n in info and info[n].conformal else None for n in names),

@@ -2,7 +2,8 @@
 
 Needs stage 1 in OUT (and compares with stage 2's single gating when OUT/heads.safetensors exists). Writes
 OUT/mixture-<routing>/: heads.safetensors, mixture.json (the fit, the calibration stats of the objectives and
-the groups, and the held-out comparison), and, through the same export and evaluation as the single gating, artifact/ with report.json.
+the groups, and the held-out comparison), and, through the same export and evaluation as the single gating,
+artifact/ with report.json.
 """
 
 from __future__ import annotations

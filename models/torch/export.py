@@ -62,8 +62,8 @@ class ExportOptions:
     (defaults from the model: `polyreward.models.runtime.builder.input_policy`). exporter: torchscript (the form
     ORT fuses) or dynamo. attention_chunk: query tokens per step of decoders' attention (default
     `polyreward.models.torch.attention.CHUNK`; memory per layer ~ heads x chunk x length). fuse: ORT transformer
-    fusion for BERT-like encoders. name (default: the output
-    directory's name), version, calibration (raw and debiased; a mixture's group scores), uncertainty (residual variances and conformal
+    fusion for BERT-like encoders. name (default: the output directory's name), version, calibration (raw and
+    debiased; group_calibration: a mixture's group scores), uncertainty (residual variances and conformal
     multipliers; without it predictive = epistemic), metrics and provenance (merged into the exporter's own) go
     into the manifest as given. The transform T always comes from the heads.
     """
